@@ -1,0 +1,145 @@
+"""The bridge's fused projection + cross-attention, behind one dispatch point.
+
+Backends: "reference" (eager PyTorch, ops/reference.py), "cpp" (C++ CPU kernels in
+calm_fast._C), "cuda" (CUDA kernels in calm_fast._C), "triton" (Triton kernels).
+"auto" picks, per operation, the fastest backend that runs on the inputs' device.
+
+A backend is a module exposing
+  supports(device: torch.device, dtype: torch.dtype) -> bool
+  cross_attention(q, k, v, mask, key_padding_mask) -> Tensor   (differentiable)
+  bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                     key_padding_mask) -> Tensor               (inference only)
+with exactly the semantics of the functions of the same name in reference.py.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from . import reference
+from .reference import MASKS, fold_projection, merge_heads, project_kv, split_heads
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_MODULES = {"reference": "calm_fast.ops.reference_backend", "cpp": "calm_fast.ops.native",
+            "cuda": "calm_fast.ops.native", "triton": "calm_fast.ops.triton_xattn"}
+# Preference order of "auto", fastest first, per device type (set by bench/ results).
+_AUTO = {
+    "cuda": {"cross_attention": ("triton", "cuda", "reference"),
+             "bridge_decode_step": ("cuda", "triton", "reference")},
+    "cpu": {"cross_attention": ("reference",),
+            "bridge_decode_step": ("cpp", "reference")},
+}
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _module(name: str) -> ModuleType | None:
+    """Import a backend's module once; None if it cannot load here (not built, no triton)."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except (ImportError, OSError):
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def _runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    mod = _module(name)
+    if mod is None:
+        return False
+    if name == "cpp" and device.type != "cpu":
+        return False
+    if name == "cuda" and device.type != "cuda":
+        return False
+    return bool(mod.supports(device, dtype))
+
+
+def available_backends(device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> list[str]:
+    """Backends that run here: on `device` if given, else on any device of this machine."""
+    if device is not None:
+        dev = torch.device(device)
+        return [b for b in BACKENDS if _runs_on(b, dev, dtype)]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(_runs_on(b, d, dtype) for d in devices)]
+
+
+def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The module that runs `op` for `backend` ("auto" or a name) on this device and dtype."""
+    if backend == "auto":
+        for name in _AUTO.get(device.type, {}).get(op, ("reference",)):
+            if _runs_on(name, device, dtype):
+                return _module(name)
+        return _module("reference")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if not _runs_on(backend, device, dtype):
+        raise ValueError(f"backend {backend!r} is not available for device={device} dtype={dtype} "
+                         f"(available here: {available_backends(device, dtype)})")
+    return _module(backend)
+
+
+def _check_attention_inputs(q, k, v, mask, key_padding_mask) -> None:
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, T, d), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, heads or head dim")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask == "aligned" and q.shape[2] > k.shape[2]:
+        raise ValueError(f"aligned mask needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape (B, Tk)={(k.shape[0], k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "aligned",
+                    key_padding_mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Masked multi-head attention, q (B, H, Tq, d), k/v (B, H, Tk, d); see reference.py."""
+    _check_attention_inputs(q, k, v, mask, key_padding_mask)
+    mod = resolve_backend(backend, "cross_attention", q.device, q.dtype)
+    return mod.cross_attention(q, k, v, mask, key_padding_mask)
+
+
+def bridge_forward(h_b: torch.Tensor, h_a: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor,
+                   w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
+                   n_heads: int, mask: str = "aligned", key_padding_mask: torch.Tensor | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """h_b + W_o Attn(h_b W_q, P(h_a) W_k, P(h_a) W_v), the attention on `backend`."""
+    k, v = project_kv(h_a, w_proj, b_proj, w_k, w_v)
+    q = torch.nn.functional.linear(h_b, w_q)
+    attn = cross_attention(split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads),
+                           mask, key_padding_mask, backend)
+    return h_b + torch.nn.functional.linear(merge_heads(attn), w_o)
+
+
+def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.Tensor,
+                       w_kv: torch.Tensor, b_kv: torch.Tensor, w_o: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
+                       key_padding_mask: torch.Tensor | None = None,
+                       backend: str = "auto") -> torch.Tensor:
+    """Append the new augment row's K/V to the cache (aligned mode) and attend; see reference.py."""
+    if h_b.dim() != 3 or h_b.shape[1] != 1:
+        raise ValueError(f"h_b must be (B, 1, D_B) for a decode step, got {tuple(h_b.shape)}")
+    s = k_cache.shape[2]
+    if not 0 <= pos < s + (h_a is None):
+        raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    mod = resolve_backend(backend, "bridge_decode_step", h_b.device, h_b.dtype)
+    return mod.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                                  key_padding_mask)
+
+
+__all__ = ["BACKENDS", "available_backends", "bridge_decode_step", "bridge_forward",
+           "cross_attention", "fold_projection", "reference", "resolve_backend"]
