@@ -116,13 +116,15 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
 def bridge_forward(h_b: torch.Tensor, h_a: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor,
                    w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
                    n_heads: int, mask: str = "aligned", key_padding_mask: torch.Tensor | None = None,
-                   backend: str = "auto") -> torch.Tensor:
-    """h_b + W_o Attn(h_b W_q, P(h_a) W_k, P(h_a) W_v), the attention on `backend`."""
+                   backend: str = "auto", residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + W_o Attn(h_b W_q, P(h_a) W_k, P(h_a) W_v), the attention on `backend`;
+    residual defaults to h_b (see reference.bridge_forward)."""
     k, v = project_kv(h_a, w_proj, b_proj, w_k, w_v)
     q = torch.nn.functional.linear(h_b, w_q)
     attn = cross_attention(split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads),
                            mask, key_padding_mask, backend)
-    return h_b + torch.nn.functional.linear(merge_heads(attn), w_o)
+    base = h_b if residual is None else residual
+    return base + torch.nn.functional.linear(merge_heads(attn), w_o)
 
 
 def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.Tensor,

@@ -83,17 +83,20 @@ def fold_projection(w_proj: torch.Tensor, b_proj: torch.Tensor, w_k: torch.Tenso
 def bridge_forward(h_b: torch.Tensor, h_a: torch.Tensor, w_proj: torch.Tensor, b_proj: torch.Tensor,
                    w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
                    n_heads: int, mask: str = "aligned",
-                   key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One CALM bridge: h_b + W_o Attn(h_b W_q, P(h_a) W_k, P(h_a) W_v).
+                   key_padding_mask: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One CALM bridge: residual + W_o Attn(h_b W_q, P(h_a) W_k, P(h_a) W_v).
 
     h_b (B, Tq, D_B) anchor block output; h_a (B, Tk, D_A) augment block output.
-    Returns the updated anchor residual stream (B, Tq, D_B).
+    residual defaults to h_b (several bridges at one anchor layer read the same h_b and add
+    their updates). Returns the updated anchor residual stream (B, Tq, D_B).
     """
     k, v = project_kv(h_a, w_proj, b_proj, w_k, w_v)
     q = torch.nn.functional.linear(h_b, w_q)
     attn = cross_attention(split_heads(q, n_heads), split_heads(k, n_heads),
                            split_heads(v, n_heads), mask, key_padding_mask)
-    return h_b + torch.nn.functional.linear(merge_heads(attn), w_o)
+    base = h_b if residual is None else residual
+    return base + torch.nn.functional.linear(merge_heads(attn), w_o)
 
 
 def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.Tensor,

@@ -1,0 +1,137 @@
+"""Prefill + incremental decode for a Decoder or a CALM: greedy, temperature, top-k, top-p,
+EOS, batches of prompts of different lengths (left padding), streaming."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .composed import CALM
+from .decoder import Decoder
+from .validation import check_attention_mask, check_tokens
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of token-id lists -> (tokens (B, T), attention_mask (B, T) bool), left padded."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must hold at least one token")
+    t = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), t), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), t), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, t - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, t - len(p):] = True
+    return tokens, mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked before it already hold top_p of the mass.
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if eos_id is not None and not 0 <= eos_id < vocab_size:
+        raise ValueError(f"eos_id {eos_id} is out of range for vocab_size={vocab_size}")
+
+
+class _DecoderSession:
+    def __init__(self, model: Decoder, batch: int, max_len: int):
+        self.model = model
+        self.cache = model.setup_cache(batch, max_len)
+
+    @torch.no_grad()
+    def step(self, tokens, attention_mask, pos):
+        return self.model(tokens, attention_mask, cache=self.cache, pos=pos)
+
+
+def stream(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, eos_id: int | None = None, attention_mask: torch.Tensor | None = None,
+           context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, pad_id: int = 0) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence, (B,), one step at a time. Rows that emitted
+    `eos_id` keep emitting it; the stream ends when all rows are done or after max_new_tokens."""
+    base = model.anchor if isinstance(model, CALM) else model
+    if not isinstance(base, Decoder):
+        raise TypeError(f"generate needs a Decoder or a CALM, got {type(model).__name__}")
+    vocab = base.cfg.vocab_size
+    if isinstance(prompt, (list, tuple)):
+        if prompt and all(isinstance(x, int) for x in prompt):
+            prompt = [list(prompt)]
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from the prompt lists; pass it only with a tensor prompt")
+        prompt, attention_mask = left_pad([list(p) for p in prompt], pad_id, base.device)
+    check_tokens(prompt, vocab, "prompt")
+    attention_mask = check_attention_mask(attention_mask, prompt)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab)
+    b, t = prompt.shape
+    max_len = t + max_new_tokens
+    if max_len > base.cfg.max_seq_len:
+        raise ValueError(f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds "
+                         f"max_seq_len={base.cfg.max_seq_len}")
+    if max_new_tokens == 0:
+        return
+    if isinstance(model, CALM):
+        session = model.start_session(b, max_len, context=context, context_mask=context_mask)
+    else:
+        if context is not None:
+            raise ValueError("context is only for a CALM in 'context' mode")
+        session = _DecoderSession(model, b, max_len)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    logits = session.step(prompt, attention_mask, 0)[:, -1]
+    pos = t
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        yield nxt
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            return
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
+        logits = session.step(nxt[:, None], attention_mask, pos)[:, -1]
+        pos += 1
+
+
+def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_id: int | None = None, attention_mask: torch.Tensor | None = None,
+             context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, callback: Callable[[torch.Tensor], None] | None = None,
+             pad_id: int = 0) -> torch.Tensor:
+    """Prompt + generated ids, (B, T + N), N <= max_new_tokens (fewer when every row hit EOS).
+    `prompt`: a (B, T) tensor (with `attention_mask` for left padding) or lists of ids."""
+    base = model.anchor if isinstance(model, CALM) else model
+    if isinstance(prompt, (list, tuple)):
+        if prompt and all(isinstance(x, int) for x in prompt):
+            prompt = [list(prompt)]
+        prompt, attention_mask = left_pad([list(p) for p in prompt], pad_id, getattr(base, "device", None))
+    new = []
+    for nxt in stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask,
+                      context, context_mask, generator, pad_id):
+        if callback is not None:
+            callback(nxt)
+        new.append(nxt[:, None])
+    return torch.cat([prompt, *new], dim=1)
