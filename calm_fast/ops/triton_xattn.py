@@ -1,0 +1,720 @@
+"""Triton backend of the bridge: flash cross-attention (forward + backward) and the fused decode step.
+
+Backend contract (see ops/__init__.py): supports(), cross_attention(), bridge_decode_step(), with
+exactly the semantics of ops/reference.py.
+
+Layout and numerics
+  q (B, H, Tq, d), k/v (B, H, Tk, d): any strides as long as the head dim is contiguous.
+  Scores, softmax statistics and accumulators are fp32. fp32 inputs use IEEE dot products
+  (input_precision="ieee"), not TF32, so the fp32 path meets the library's 1e-5 parity rule on
+  GPU too; bf16/fp16 are the fast path. The log-sum-exp is kept in base 2 (exp2 is one MUFU op).
+  Head dims that are not powers of two (80, 96, ...) run in the next power-of-two tile with the
+  extra columns masked.
+  Rows that see no key output 0 and get zero gradient: their LSE is stored as +inf, so every
+  recomputed probability of such a row is exp2(s - inf) = 0 in the backward pass.
+
+Interpreter
+  TRITON_INTERPRET is read by triton.jit when a kernel is *decorated*, for triton's own library
+  functions (tl.zeros, tl.sum, ...) as much as for ours, so whether Triton runs interpreted is
+  fixed for the whole process when triton.language is imported. This module follows that mode:
+  interpreted kernels (CPU tensors, tests) run small fixed tiles; compiled kernels run autotuned
+  Hopper-sized tiles. supports() says True on CPU only when the kernels really are interpreted.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from .reference import MASKS
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreter_active() -> bool:
+    """Whether this process's Triton (and so every kernel here) runs in the interpreter."""
+    return not isinstance(_load_rows, JITFunction)
+
+
+def supports(device, dtype) -> bool:
+    device = torch.device(device)
+    if dtype not in _DTYPES:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and not _interpreter_active()
+    return (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+            and _interpreter_active())
+
+
+# --------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, PAD_D: tl.constexpr):
+    """Load a (rows, HEAD_DIM) tile; masks only what can be out of range (masks cost issue slots)."""
+    if CHECK_ROWS:
+        if PAD_D:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if PAD_D:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0, offs_d, lo, hi,
+                    skn, svn, Tk, D, causal_off, qk_scale,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                    PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Scores are scaled in fp32 (qk_scale = sm_scale*log2(e): exp2 domain), fusing into one FMA.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
+                       MASKED, PAD_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if MASKED:
+            allowed = offs_n[None, :] < Tk
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(allowed, s, float("-inf"))
+        if HAS_KPM:
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Tk, other=0) != 0
+            s = tl.where(keep[None, :], s, float("-inf"))
+        # m_i starts at -1e30 (finite), so a fully masked tile gives p = 0, alpha = 1, no NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
+                       MASKED, PAD_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, KPM, O, LSE,
+              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skpm,
+              H, Tq, Tk, D, qk_scale, TQ_KEY, TK_KEY,
+              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PAD_D: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = _load_rows(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], offs_m, Tq,
+                   offs_d, D, True, PAD_D)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    kpm_base = KPM + b * skpm
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    causal_off = Tk - Tq
+    if CAUSAL:
+        # Key blocks entirely at or below every row's diagonal need no mask; blocks past the
+        # last row's diagonal are skipped outright (the saving over a dense mask).
+        full_end = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Tk, m0 + BLOCK_M + causal_off)
+    else:
+        full_end = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0,
+                                    offs_d, 0, full_end, skn, svn, Tk, D, causal_off, qk_scale,
+                                    False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0,
+                                    offs_d, full_end, hi, skn, svn, Tk, D, causal_off, qk_scale,
+                                    True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    row_ok = offs_m < Tq
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
+    if PAD_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# backward (FA2): delta = rowsum(dO * O); dk/dv over key blocks; dq over query blocks
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Tq, D,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    msk = (offs_m[:, None] < Tq) & (offs_d[None, :] < D)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=msk,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_m0,
+                         offs_d, lo, hi, sqm, sdom, Tq, D, causal_off, qk_scale,
+                         MASKED: tl.constexpr, PAD_D: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
+    # Works on transposed tiles (keys x queries) so no accumulator needs a transpose.
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        q = _load_rows(q_base + offs_m[:, None] * sqm + offs_d[None, :], offs_m, Tq, offs_d, D,
+                       True, PAD_D)
+        # Rows past Tq load lse = +inf, so their probabilities are exactly 0.
+        lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, p_t, 0.0)
+        do = _load_rows(do_base + offs_m[:, None] * sdom + offs_d[None, :], offs_m, Tq, offs_d, D,
+                        True, PAD_D)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, KPM, LSE, DELTA, DK, DV,
+                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                   sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, skpm,
+                   H, Tq, Tk, D, qk_scale, sm_scale, TQ_KEY, TK_KEY,
+                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAD_D: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    k = _load_rows(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk,
+                   offs_d, D, True, PAD_D)
+    v = _load_rows(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk,
+                   offs_d, D, True, PAD_D)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    lse_base = LSE + pid_bh.to(tl.int64) * Tq
+    delta_base = DELTA + pid_bh.to(tl.int64) * Tq
+
+    causal_off = Tk - Tq
+    if CAUSAL:
+        # Query i sees key j iff i >= j - off: rows below n0 - off see none of this block,
+        # rows at or past n0 + BLOCK_N - 1 - off see all of it.
+        m_lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      offs_n, offs_m0, offs_d, m_lo, tl.minimum(m_full, Tq),
+                                      sqm, sdom, Tq, D, causal_off, qk_scale, True, PAD_D, PREC, BLOCK_M)
+    else:
+        m_full = 0
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                  offs_n, offs_m0, offs_d, m_full, Tq, sqm, sdom, Tq, D, causal_off,
+                                  qk_scale, False, PAD_D, PREC, BLOCK_M)
+    dk = dk * sm_scale
+    if HAS_KPM:
+        # A padded key gets no probability from any row, hence no gradient at all.
+        keep = tl.load(KPM + b * skpm + offs_n, mask=offs_n < Tk, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    msk = offs_n[:, None] < Tk
+    if PAD_D:
+        msk = msk & (offs_d[None, :] < D)
+    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=msk)
+    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, offs_n0, offs_d,
+                       lo, hi, skn, svn, Tk, D, causal_off, qk_scale,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                       PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k = _load_rows(k_base + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
+                       MASKED, PAD_D)
+        v = _load_rows(v_base + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
+                       MASKED, PAD_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            allowed = offs_n[None, :] < Tk
+            if CAUSAL:
+                allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            p = tl.where(allowed, p, 0.0)
+        if HAS_KPM:
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Tk, other=0) != 0
+            p = tl.where(keep[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, KPM, LSE, DELTA, DQ,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                 sdqb, sdqh, sdqm, skpm,
+                 H, Tq, Tk, D, qk_scale, sm_scale, TQ_KEY, TK_KEY,
+                 CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAD_D: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = _load_rows(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], offs_m, Tq,
+                   offs_d, D, True, PAD_D)
+    do = _load_rows(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], offs_m,
+                    Tq, offs_d, D, True, PAD_D)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    kpm_base = KPM + b * skpm
+
+    causal_off = Tk - Tq
+    if CAUSAL:
+        full_end = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Tk, m0 + BLOCK_M + causal_off)
+    else:
+        full_end = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m,
+                            offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off, qk_scale,
+                            False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m,
+                            offs_n0, offs_d, full_end, hi, skn, svn, Tk, D, causal_off, qk_scale,
+                            True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+    dq = dq * sm_scale
+    msk = offs_m[:, None] < Tq
+    if PAD_D:
+        msk = msk & (offs_d[None, :] < D)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=msk)
+
+
+# --------------------------------------------------------------------------------------------
+# decode step: (1) q GEMV + K/V row into the caches, (2) split-K attention, (3) combine + W_o + residual
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gemv_tile(X, sx, W, sw, rows, n_rows, offs_o, n_out, K,
+               BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_B, BLOCK_O) fp32 tile of X[rows] @ W[offs_o]^T; W row-major (out, in)."""
+    acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_ok = offs_k[None, :] < K
+        x = tl.load(X + rows[:, None].to(tl.int64) * sx + offs_k[None, :],
+                    mask=(rows[:, None] < n_rows) & k_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + offs_o[:, None].to(tl.int64) * sw + offs_k[None, :],
+                    mask=(offs_o[:, None] < n_out) & k_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
+    return acc
+
+
+@triton.jit
+def _decode_proj(HB, HA, WQ, WKV, BKV, QOUT, KC, VC,
+                 B, D_B, D_A, pos, hd, s_hb, s_ha, s_wq, s_wkv,
+                 skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
+                 HAS_KV: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One launch for both GEMVs: the first tiles compute q = h_b W_q^T, the rest [K|V] of h_a.
+    pid = tl.program_id(0)
+    n_q_tiles = tl.cdiv(D_B, BLOCK_O)
+    offs_b0 = tl.arange(0, BLOCK_B)
+    if pid < n_q_tiles:
+        offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+        for b0 in range(0, B, BLOCK_B):
+            rows = b0 + offs_b0
+            acc = _gemv_tile(HB, s_hb, WQ, s_wq, rows, B, offs_o, D_B, D_B,
+                             BLOCK_B, BLOCK_O, BLOCK_K)
+            # q is rounded to the activation dtype, as the reference's linear() does.
+            tl.store(QOUT + rows[:, None] * D_B + offs_o[None, :], acc.to(QOUT.dtype.element_ty),
+                     mask=(rows[:, None] < B) & (offs_o[None, :] < D_B))
+    else:
+        if HAS_KV:
+            offs_o = (pid - n_q_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)   # in [0, 2 D_B)
+            o_ok = offs_o < 2 * D_B
+            is_k = offs_o < D_B
+            feat = tl.where(is_k, offs_o, offs_o - D_B)
+            head = (feat // hd).to(tl.int64)
+            col = feat % hd
+            for b0 in range(0, B, BLOCK_B):
+                rows = b0 + offs_b0
+                acc = _gemv_tile(HA, s_ha, WKV, s_wkv, rows, B, offs_o, 2 * D_B, D_A,
+                                 BLOCK_B, BLOCK_O, BLOCK_K)
+                if HAS_BIAS:
+                    acc += tl.load(BKV + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+                r64 = rows[:, None].to(tl.int64)
+                ok = (rows[:, None] < B) & o_ok[None, :]
+                k_ptrs = KC + r64 * skc_b + head[None, :] * skc_h + pos * skc_s + col[None, :]
+                v_ptrs = VC + r64 * svc_b + head[None, :] * svc_h + pos * svc_s + col[None, :]
+                tl.store(k_ptrs, acc.to(KC.dtype.element_ty), mask=ok & is_k[None, :])
+                tl.store(v_ptrs, acc.to(VC.dtype.element_ty), mask=ok & (~is_k)[None, :])
+
+
+@triton.jit
+def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
+                 n, H, hd, D_B, qk_scale, chunk,
+                 skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, skpm, NS,
+                 HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Flash-decoding: program (b*H + h, split) attends over cache rows [split*chunk, ...) ∩ [0, n)
+    # and writes unnormalised partials (max, sum, acc) for the combine in _decode_out.
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < hd
+    q = tl.load(QB + b * D_B + h * hd + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale
+    k_base = KC + b * skc_b + h * skc_h
+    v_base = VC + b * svc_b + h * svc_h
+    m_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32), 0) - 1.0e30
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, n)
+    for s0 in range(start, end, BLOCK_N):
+        offs_n = s0 + tl.arange(0, BLOCK_N)
+        ok = offs_n < end
+        if HAS_KPM:
+            ok = ok & (tl.load(KPM + b * skpm + offs_n, mask=ok, other=0) != 0)
+        msk = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skc_s + offs_d[None, :], mask=msk, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(v_base + offs_n[:, None] * svc_s + offs_d[None, :], mask=msk, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    slot = pid_bh.to(tl.int64) * NS + pid_s
+    tl.store(PM + slot, m_i)
+    tl.store(PL + slot, l_i)
+    tl.store(PACC + slot * HEAD_DIM + offs_d, acc)
+
+
+@triton.jit
+def _decode_out(HB, WO, PM, PL, PACC, OUT, B, D_B, H, hd, s_hb, s_wo, s_out, NS,
+                NS_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
+    # Each program owns BLOCK_O output features; it re-combines the (tiny, L2-resident) split
+    # partials of every head rather than paying a 4th launch, then streams its W_o rows once.
+    pid = tl.program_id(0)
+    offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = offs_o < D_B
+    offs_s = tl.arange(0, NS_P)
+    s_ok = offs_s < NS
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = offs_d < hd
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        r_ok = rows < B
+        acc = tl.zeros([BLOCK_B, BLOCK_O], dtype=tl.float32)
+        for hh in range(0, H):
+            slot = (rows.to(tl.int64) * H + hh) * NS
+            ps = slot[:, None] + offs_s[None, :]
+            ms = r_ok[:, None] & s_ok[None, :]
+            m = tl.load(PM + ps, mask=ms, other=-1.0e30)
+            l = tl.load(PL + ps, mask=ms, other=0.0)
+            m_max = tl.max(m, 1)
+            w = tl.math.exp2(m - m_max[:, None])
+            l_sum = tl.sum(l * w, 1)
+            a = tl.load(PACC + ps[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                        mask=ms[:, :, None] & d_ok[None, None, :], other=0.0)
+            attn = tl.sum(a * w[:, :, None], 1) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+            # The reference hands W_o the attention rounded to the activation dtype.
+            attn = attn.to(HB.dtype.element_ty).to(tl.float32)
+            wt = tl.load(WO + offs_o[:, None].to(tl.int64) * s_wo + hh * hd + offs_d[None, :],
+                         mask=o_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(attn[:, None, :] * wt[None, :, :], 2)
+        om = r_ok[:, None] & o_ok[None, :]
+        hb = tl.load(HB + rows[:, None].to(tl.int64) * s_hb + offs_o[None, :], mask=om, other=0.0)
+        y = acc.to(HB.dtype.element_ty).to(tl.float32) + hb.to(tl.float32)
+        tl.store(OUT + rows[:, None].to(tl.int64) * s_out + offs_o[None, :],
+                 y.to(OUT.dtype.element_ty), mask=om)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+_SMEM_BYTES = 227 * 1024   # Hopper's per-block opt-in limit; bigger tiles cannot launch anyway
+
+
+def _fits_smem(rows_resident: int, rows_streamed: int, stages: int, head_dim: int, elt: int) -> bool:
+    return (rows_resident + stages * rows_streamed) * head_dim * elt <= _SMEM_BYTES
+
+
+def _elt(args) -> int:
+    return args["Q"].element_size()
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    hd, elt = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM")), _elt(named_args)
+    kept = [c for c in configs if _fits_smem(c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"],
+                                             c.num_stages, hd, elt)]
+    return kept or configs[-1:]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    # dk/dv keeps k, v resident and streams q, do; dq keeps q, do and streams k, v.
+    hd, elt = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM")), _elt(named_args)
+    kept = [c for c in configs if _fits_smem(2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"],
+                                             c.num_stages, hd, elt)
+            or _fits_smem(2 * c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], c.num_stages, hd, elt)]
+    return kept or configs[-1:]
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+_FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
+                _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
+_DKDV_CONFIGS = [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2),
+                 _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2)]
+_DQ_CONFIGS = [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2),
+               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
+# Retune per power-of-two length bucket, not per exact length.
+_KEYS = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_KPM", "PREC"]
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEYS,
+                             prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEYS,
+                              prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dkdv)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEYS,
+                            prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dq)
+
+# Under the interpreter: small, deliberately unequal tiles so tests cross every block boundary.
+_INTERP_BLOCKS = {"_attn_fwd": (32, 16), "_attn_bwd_dkdv": (16, 32), "_attn_bwd_dq": (32, 16)}
+_TUNED = {"_attn_fwd": _fwd_tuned, "_attn_bwd_dkdv": _dkdv_tuned, "_attn_bwd_dq": _dq_tuned}
+
+
+def _launch_tuned(name: str, device: torch.device, grid_fn, *args, **constexprs) -> None:
+    if _interpreter_active():
+        bm, bn = _INTERP_BLOCKS[name]
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        globals()[name][grid_fn(meta)](*args, **constexprs, **meta)
+    else:
+        _TUNED[name][grid_fn](*args, **constexprs)
+
+
+def _launch(name: str, device: torch.device, grid, *args, num_warps: int = 4, **constexprs) -> None:
+    globals()[name][grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _head_dim_tile(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
+
+
+def _rowmajor_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _kpm_bytes(kpm: Optional[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    if kpm is None:
+        return torch.empty(1, dtype=torch.uint8, device=device), 0
+    kpm = kpm.contiguous().view(torch.uint8)
+    return kpm, kpm.stride(0)
+
+
+def _new_attn_out(q: torch.Tensor) -> torch.Tensor:
+    # (B, Tq, H, d) storage seen as (B, H, Tq, d): merge_heads() after the op is then a free view.
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h, d)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# attention: host functions
+# --------------------------------------------------------------------------------------------
+def _attn_forward(q, k, v, causal: bool, kpm):
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    out = _new_attn_out(q)
+    lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
+    if b * h * tq == 0:
+        return out, lse
+    if tk == 0:
+        out.zero_()
+        lse.fill_(float("inf"))
+        return out, lse
+    q, k, v = _rowmajor_last(q), _rowmajor_last(k), _rowmajor_last(v)
+    kpm_t, skpm = _kpm_bytes(kpm, q.device)
+    hd = _head_dim_tile(d)
+    sm_scale = 1.0 / math.sqrt(d)
+
+    def grid(meta):
+        return (triton.cdiv(tq, meta["BLOCK_M"]), b * h)
+
+    _launch_tuned("_attn_fwd", q.device, grid, q, k, v, kpm_t, out, lse,
+                  q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                  skpm, h, tq, tk, d, sm_scale * _LOG2E, _bucket(tq), _bucket(tk),
+                  CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
+                  PREC=_precision(q.dtype))
+    return out, lse
+
+
+def _attn_backward(do, q, k, v, out, lse, causal: bool, kpm):
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if b * h * tq == 0 or tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    do = _rowmajor_last(do.to(q.dtype))
+    q, k, v, out = _rowmajor_last(q), _rowmajor_last(k), _rowmajor_last(v), _rowmajor_last(out)
+    dq, dk, dv = _rowmajor_last(dq), _rowmajor_last(dk), _rowmajor_last(dv)
+    kpm_t, skpm = _kpm_bytes(kpm, q.device)
+    hd = _head_dim_tile(d)
+    sm_scale = 1.0 / math.sqrt(d)
+    flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
+                 PREC=_precision(q.dtype))
+
+    delta = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
+    block = 32 if _interpreter_active() else 128
+    _launch("_attn_bwd_delta", q.device, (triton.cdiv(tq, block), b * h), out, do, delta,
+            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            h, tq, d, HEAD_DIM=hd, BLOCK_M=block)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    scalars = (h, tq, tk, d, sm_scale * _LOG2E, sm_scale, _bucket(tq), _bucket(tk))
+    _launch_tuned("_attn_bwd_dkdv", q.device,
+                  lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * h),
+                  q, k, v, do, kpm_t, lse, delta, dk, dv, *common,
+                  dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                  skpm, *scalars, **flags)
+    _launch_tuned("_attn_bwd_dq", q.device,
+                  lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
+                  q, k, v, do, kpm_t, lse, delta, dq, *common,
+                  dq.stride(0), dq.stride(1), dq.stride(2), skpm, *scalars, **flags)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops (registered once, at import)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("calm_fast::triton_xattn_fwd", mutates_args=())
+def _xattn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                  key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attn_forward(q, k, v, causal, key_padding_mask)
+
+
+@_xattn_fwd_op.register_fake
+def _(q, k, v, causal, key_padding_mask):
+    b, h, tq, _ = q.shape
+    return _new_attn_out(q), q.new_empty((b, h, tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("calm_fast::triton_xattn_bwd", mutates_args=())
+def _xattn_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                  key_padding_mask: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attn_backward(grad_out, q, k, v, out, lse, causal, key_padding_mask)
+
+
+@_xattn_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, causal, key_padding_mask):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _xattn_setup_context(ctx, inputs, output):
+    q, k, v, causal, kpm = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm)
+    ctx.causal = causal
+    ctx.mark_non_differentiable(lse)
+
+
+def _xattn_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kpm = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    dq, dk, dv = torch.ops.calm_fast.triton_xattn_bwd(grad_out, q, k, v, out, lse, ctx.causal, kpm)
+    return dq, dk, dv, None, None
+
+
+_xattn_fwd_op.register_autograd(_xattn_backward, setup_context=_xattn_setup_context)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "aligned",
+                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flash cross-attention; same semantics as reference.cross_attention (differentiable)."""
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, T, d), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
+    if q.shape[3] > 256:
+        raise ValueError(f"head dim must be <= 256 for the triton backend, got {q.shape[3]}")
+    if mask == "aligned" and q.shape[2] > k.shape[2]:
+        raise ValueError(f"aligned mask needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(
+            key_padding_mask.shape) != (k.shape[0], k.shape[2])):
+        raise ValueError(f"key_padding_mask must be bool (B, Tk)={(k.shape[0], k.shape[2])}, got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    out, _ = torch.ops.calm_fast.triton_xattn_fwd(q, k, v, mask == "aligned", key_padding_mask)
+    return out
