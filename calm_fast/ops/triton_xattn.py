@@ -718,3 +718,142 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
     out, _ = torch.ops.calm_fast.triton_xattn_fwd(q, k, v, mask == "aligned", key_padding_mask)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# decode step: host function, custom op, backend entry point
+# --------------------------------------------------------------------------------------------
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_heads: int, kpm):
+    bsz, _, d_b = h_b.shape
+    hd = d_b // n_heads
+    dev = h_b.device
+    interp = _interpreter_active()
+    hb2 = _rowmajor_last(h_b[:, 0, :])
+    w_q, w_o = _rowmajor_last(w_q), _rowmajor_last(w_o)
+    q_buf = torch.empty((bsz, d_b), dtype=h_b.dtype, device=dev)
+    has_kv = h_a is not None
+    if has_kv:
+        ha2, w_kv = _rowmajor_last(h_a[:, 0, :]), _rowmajor_last(w_kv)
+        bias = b_kv.contiguous() if b_kv is not None else q_buf
+        d_a = ha2.shape[1]
+    else:
+        ha2, w_kv, bias, d_a = hb2, w_q, q_buf, 0   # placeholders: never read when HAS_KV=False
+    n = pos + 1 if has_kv else pos
+    sms = 4 if interp else _sm_count(dev)
+
+    # (1) q GEMV + K/V row. Batch 1 is bandwidth-bound: enough tiles to cover every SM twice.
+    block_b = min(triton.next_power_of_2(bsz), 4)
+    block_o = 16 if interp else (32 if triton.cdiv(3 * d_b, 32) >= 2 * sms else 16)
+    block_k = 32 if interp else 128
+    n_tiles = triton.cdiv(d_b, block_o) + (triton.cdiv(2 * d_b, block_o) if has_kv else 0)
+    _launch("_decode_proj", dev, (n_tiles,), hb2, ha2, w_q, w_kv, bias, q_buf, k_cache, v_cache,
+            bsz, d_b, d_a, pos, hd, hb2.stride(0), ha2.stride(0), w_q.stride(0), w_kv.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            HAS_KV=has_kv, HAS_BIAS=has_kv and b_kv is not None,
+            BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_K=block_k)
+
+    # (2) split-K attention: splits so that B*H*splits programs fill the machine.
+    head_tile = _head_dim_tile(hd)
+    block_n = 16 if interp else 64
+    max_splits = 3 if interp else 32
+    splits = max(1, min(triton.cdiv(2 * sms, bsz * n_heads), triton.cdiv(max(n, 1), block_n),
+                        max_splits))
+    chunk = triton.cdiv(triton.cdiv(max(n, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(n, chunk))
+    part_m = torch.empty((bsz * n_heads * splits,), dtype=torch.float32, device=dev)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((bsz * n_heads * splits, head_tile), dtype=torch.float32, device=dev)
+    kpm_t, skpm = _kpm_bytes(kpm, dev)
+    _launch("_decode_attn", dev, (bsz * n_heads, splits), q_buf, k_cache, v_cache, kpm_t,
+            part_m, part_l, part_acc, n, n_heads, hd, d_b, _LOG2E / math.sqrt(hd), chunk,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), skpm, splits,
+            HAS_KPM=kpm is not None, HEAD_DIM=head_tile, BLOCK_N=block_n)
+
+    # (3) combine the splits, project with W_o, add the residual.
+    out = torch.empty((bsz, 1, d_b), dtype=h_b.dtype, device=dev)
+    out2 = out[:, 0, :]
+    block_o3 = 16 if interp else next((c for c in (64, 32) if triton.cdiv(d_b, c) >= 2 * sms), 16)
+    block_b3 = min(triton.next_power_of_2(bsz), 2)
+    _launch("_decode_out", dev, (triton.cdiv(d_b, block_o3),), hb2, w_o, part_m, part_l, part_acc,
+            out2, bsz, d_b, n_heads, hd, hb2.stride(0), w_o.stride(0), out2.stride(0), splits,
+            NS_P=triton.next_power_of_2(splits), HEAD_DIM=head_tile,
+            BLOCK_B=block_b3, BLOCK_O=block_o3)
+    return out
+
+
+@torch.library.custom_op("calm_fast::triton_bridge_decode_step", mutates_args=("k_cache", "v_cache"))
+def _decode_op(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torch.Tensor,
+               w_kv: Optional[torch.Tensor], b_kv: Optional[torch.Tensor], w_o: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
+               key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                        key_padding_mask)
+
+
+@_decode_op.register_fake
+def _(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
+    return torch.empty_like(h_b, memory_format=torch.contiguous_format)
+
+
+def _check_shape(name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
+    if t is None or tuple(t.shape) != shape:
+        got = None if t is None else tuple(t.shape)
+        raise ValueError(f"{name} must have shape {shape}, got {got}")
+
+
+def bridge_decode_step(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torch.Tensor,
+                       w_kv: Optional[torch.Tensor], b_kv: Optional[torch.Tensor], w_o: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
+                       key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One decode step of a bridge in three launches; same semantics as the reference.
+
+    Writes the new K/V row into k_cache/v_cache (aligned mode, h_a given) in place.
+    """
+    if h_b.dim() != 3 or h_b.shape[1] != 1:
+        raise ValueError(f"h_b must be (B, 1, D_B), got {tuple(h_b.shape)}")
+    bsz, _, d_b = h_b.shape
+    if n_heads <= 0 or d_b % n_heads:
+        raise ValueError(f"n_heads={n_heads} must divide D_B={d_b}")
+    hd = d_b // n_heads
+    if hd > 256:
+        raise ValueError(f"head dim must be <= 256 for the triton backend, got {hd}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be (B, H, S, d), got {tuple(k_cache.shape)}")
+    s = k_cache.shape[2]
+    _check_shape("k_cache", k_cache, (bsz, n_heads, s, hd))
+    _check_shape("v_cache", v_cache, (bsz, n_heads, s, hd))
+    _check_shape("w_q", w_q, (d_b, d_b))
+    _check_shape("w_o", w_o, (d_b, d_b))
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in the head dim (updated in place)")
+    if h_a is not None:
+        if h_a.dim() != 3 or h_a.shape[:2] != (bsz, 1):
+            raise ValueError(f"h_a must be ({bsz}, 1, D_A), got {tuple(h_a.shape)}")
+        _check_shape("w_kv", w_kv, (2 * d_b, h_a.shape[2]))
+        if b_kv is not None:
+            _check_shape("b_kv", b_kv, (2 * d_b,))
+        if not 0 <= pos < s:
+            raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    elif not 0 <= pos <= s:
+        raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    if h_b.dtype not in _DTYPES:
+        raise TypeError(f"h_b must be one of {_DTYPES}, got {h_b.dtype}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (bsz, s)):
+        raise ValueError(f"key_padding_mask must be bool (B, S)={(bsz, s)}, got "
+                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    return torch.ops.calm_fast.triton_bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache,
+                                                          v_cache, int(pos), int(n_heads),
+                                                          key_padding_mask)
