@@ -1,0 +1,332 @@
+"""The compiled kernels as torch custom ops: backend "cpp" (calm_fast._C, C++/OpenMP) and
+backend "cuda" (calm_fast._C_cuda). Contract: see calm_fast/ops/__init__.py.
+
+The extensions take raw pointers, shapes and strides (csrc/ has no torch headers), so this
+module is where tensors are checked (dtype, device, layout, shapes) before a pointer leaves
+Python; the C++ side checks again and raises ValueError/TypeError on anything it rejects.
+
+Ops (namespace calm_fast, registered once at import, each with a fake implementation so
+torch.compile(fullgraph=True) traces them and torch.library.opcheck passes):
+  native_attn_fwd(q, k, v, kpm, mask) -> (out, lse)   autograd via native_attn_bwd
+  native_attn_bwd(q, k, v, kpm, mask, out, dout, lse) -> (dq, dk, dv)
+      CPU: the C++ flash backward. CUDA: there is no CUDA backward kernel yet; it runs the
+      same recomputation from lse in PyTorch (materialises the Tq x Tk scores per head).
+  native_decode_step(...) -> out; mutates k_cache and v_cache (aligned mode appends a row).
+
+Dtypes: CPU float32, float64 (exists for gradcheck), bfloat16 (fp32 accumulation);
+CUDA float32, bfloat16, float16 (fp32 accumulation). The decode step needs every tensor in
+h_b's dtype (caches included: they are written in place).
+
+Why two modules: calm_fast._C_cuda links the CUDA runtime (statically), so a CPU-only
+machine imports calm_fast._C without any CUDA library; _C_cuda is imported when present.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    from calm_fast import _C
+except ImportError:  # not built
+    _C = None
+try:
+    from calm_fast import _C_cuda
+except ImportError:  # built without nvcc, or a CUDA-less build
+    _C_cuda = None
+
+if _C is None and _C_cuda is None:
+    raise ImportError("calm_fast native kernels are not built: run "
+                      "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`")
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3, torch.bool: 4}
+_MASKS = {"aligned": 0, "context": 1}
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where the extension for `device` was built and handles `dtype`."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _C is not None and dtype in _CPU_DTYPES
+    if device.type == "cuda":
+        return _C_cuda is not None and torch.cuda.is_available() and dtype in _CUDA_DTYPES
+    return False
+
+
+# ---------------------------------------------------------------------------- checks
+
+def _desc(t: torch.Tensor | None):
+    """(data_ptr, dtype code, shape, strides): what the extensions take for a tensor."""
+    if t is None:
+        return None
+    return (t.data_ptr(), _CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any outer strides but need the innermost one to be 1."""
+    return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_backend(device: torch.device, dtype: torch.dtype, what: str) -> None:
+    if device.type == "cpu":
+        if _C is None:
+            raise ValueError(f"{what}: calm_fast._C (CPU kernels) is not built")
+        if dtype not in _CPU_DTYPES:
+            raise TypeError(f"{what}: dtype {dtype} is not handled on CPU (use one of {_CPU_DTYPES})")
+    elif device.type == "cuda":
+        if _C_cuda is None:
+            raise ValueError(f"{what}: calm_fast._C_cuda (CUDA kernels) is not built")
+        if dtype not in _CUDA_DTYPES:
+            raise TypeError(f"{what}: dtype {dtype} is not handled on CUDA (use one of {_CUDA_DTYPES})")
+    else:
+        raise ValueError(f"{what}: device {device} has no native kernels (cpu or cuda only)")
+
+
+def _check_same(what: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+        if t.device != ref.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, expected {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype}, expected {ref.dtype}")
+
+
+def _check_mask(what: str, kpm: torch.Tensor | None, shape: tuple, device: torch.device) -> None:
+    if kpm is None:
+        return
+    if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:
+        raise TypeError(f"{what}: key_padding_mask must be a bool tensor, got "
+                        f"{getattr(kpm, 'dtype', type(kpm).__name__)}")
+    if tuple(kpm.shape) != shape:
+        raise ValueError(f"{what}: key_padding_mask must have shape {shape}, got {tuple(kpm.shape)}")
+    if kpm.device != device:
+        raise ValueError(f"{what}: key_padding_mask is on {kpm.device}, expected {device}")
+
+
+def _check_attention(q, k, v, mask, kpm) -> None:
+    what = "cross_attention"
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{what}: q must be a tensor, got {type(q).__name__}")
+    if mask not in _MASKS:
+        raise ValueError(f"{what}: mask must be one of {tuple(_MASKS)}, got {mask!r}")
+    _check_backend(q.device, q.dtype, what)
+    _check_same(what, q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{what}: {name} must be 4-D (B, H, T, d), got shape {tuple(t.shape)}")
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    if tuple(k.shape) != (b, h, tk, d) or tuple(v.shape) != (b, h, tk, d):
+        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, H, Tk, d) "
+                         f"matching q {tuple(q.shape)}")
+    if d == 0:
+        raise ValueError(f"{what}: head dim must be > 0, got q shape {tuple(q.shape)}")
+    if mask == "aligned" and tq > tk:
+        raise ValueError(f"{what}: aligned mask needs Tq <= Tk, got Tq={tq} Tk={tk}")
+    _check_mask(what, kpm, (b, tk), q.device)
+
+
+def _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm) -> None:
+    what = "bridge_decode_step"
+    if not isinstance(h_b, torch.Tensor):
+        raise TypeError(f"{what}: h_b must be a tensor, got {type(h_b).__name__}")
+    _check_backend(h_b.device, h_b.dtype, what)
+    _check_same(what, h_b, h_a=h_a, w_q=w_q, w_o=w_o, k_cache=k_cache, v_cache=v_cache,
+                **({"w_kv": w_kv, "b_kv": b_kv} if h_a is not None else {}))
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
+        raise ValueError(f"{what}: n_heads must be a positive int, got {n_heads!r}")
+    if isinstance(pos, bool) or not isinstance(pos, (int, torch.SymInt)):
+        raise TypeError(f"{what}: pos must be an int, got {type(pos).__name__}")
+    if h_b.dim() != 3 or h_b.shape[1] != 1:
+        raise ValueError(f"{what}: h_b must be (B, 1, D_B), got {tuple(h_b.shape)}")
+    bsz, _, d_b = h_b.shape
+    if d_b % n_heads:
+        raise ValueError(f"{what}: D_B={d_b} is not a multiple of n_heads={n_heads}")
+    hd = d_b // n_heads
+    for name, t, shape in (("w_q", w_q, (d_b, d_b)), ("w_o", w_o, (d_b, d_b))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{what}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if k_cache.dim() != 4 or tuple(k_cache.shape[:2]) != (bsz, n_heads) or k_cache.shape[3] != hd:
+        raise ValueError(f"{what}: k_cache must be (B, H, S, d)=({bsz}, {n_heads}, S, {hd}), "
+                         f"got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{what}: v_cache shape {tuple(v_cache.shape)} differs from k_cache "
+                         f"{tuple(k_cache.shape)}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if hd > 1 and c.stride(-1) != 1:
+            raise ValueError(f"{what}: {name} is written in place and needs a unit stride in its "
+                             f"last dim, got strides {tuple(c.stride())}")
+    s = k_cache.shape[2]
+    if h_a is not None:
+        if h_a.dim() != 3 or tuple(h_a.shape[:2]) != (bsz, 1):
+            raise ValueError(f"{what}: h_a must be (B, 1, D_A) with B={bsz}, got {tuple(h_a.shape)}")
+        d_a = h_a.shape[2]
+        if w_kv is None or tuple(w_kv.shape) != (2 * d_b, d_a):
+            raise ValueError(f"{what}: w_kv must have shape {(2 * d_b, d_a)}, got "
+                             f"{None if w_kv is None else tuple(w_kv.shape)}")
+        if b_kv is None or tuple(b_kv.shape) != (2 * d_b,):
+            raise ValueError(f"{what}: b_kv must have shape {(2 * d_b,)}, got "
+                             f"{None if b_kv is None else tuple(b_kv.shape)}")
+        if not 0 <= pos < s:
+            raise ValueError(f"{what}: pos={pos} is outside the bridge cache of {s} rows")
+    elif not 0 <= pos <= s:
+        raise ValueError(f"{what}: pos={pos} is outside [0, {s}] (context mode attends rows [0, pos))")
+    _check_mask(what, kpm, (bsz, s), h_b.device)
+
+
+# ------------------------------------------------------------------ attention forward
+
+@torch.library.custom_op("calm_fast::native_attn_fwd", mutates_args=(), device_types="cpu")
+def native_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_padding_mask: torch.Tensor | None, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_inner(q), _unit_inner(k), _unit_inner(v)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    _C.set_num_threads(torch.get_num_threads())
+    _C.attn_fwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask], _desc(out), _desc(lse))
+    return out, lse
+
+
+@native_attn_fwd.register_kernel("cuda")
+def _attn_fwd_cuda(q, k, v, key_padding_mask, mask):
+    q, k, v = _unit_inner(q), _unit_inner(k), _unit_inner(v)
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        _C_cuda.attn_fwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask],
+                         _desc(out), _desc(lse), stream)
+    return out, lse
+
+
+@native_attn_fwd.register_fake
+def _(q, k, v, key_padding_mask, mask):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------- attention backward
+
+@torch.library.custom_op("calm_fast::native_attn_bwd", mutates_args=(), device_types="cpu")
+def native_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_padding_mask: torch.Tensor | None, mask: str, out: torch.Tensor,
+                    dout: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, out, dout = (_unit_inner(t) for t in (q, k, v, out, dout))
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _C.set_num_threads(torch.get_num_threads())
+    _C.attn_bwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask], _desc(out),
+                _desc(dout), _desc(lse), _desc(dq), _desc(dk), _desc(dv))
+    return dq, dk, dv
+
+
+@native_attn_bwd.register_kernel("cuda")
+def _attn_bwd_cuda(q, k, v, key_padding_mask, mask, out, dout, lse):
+    # No CUDA backward kernel: the flash backward's math in PyTorch, recomputing P from lse.
+    qf, kf, vf, of, gf = (t.float() for t in (q, k, v, out, dout))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    tq, tk = q.shape[2], k.shape[2]
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)[None, None]
+    if mask == "aligned":
+        i = torch.arange(tq, device=q.device)[:, None]
+        j = torch.arange(tk, device=q.device)[None, :]
+        allowed = (j <= i + (tk - tq))[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    lse_f = lse.float()[..., None]
+    finite = torch.isfinite(lse_f)
+    p = torch.exp((qf @ kf.transpose(-1, -2)) * scale - torch.where(finite, lse_f, 0.0))
+    p = torch.where(allowed & finite, p, 0.0)
+    dv = p.transpose(-1, -2) @ gf
+    delta = (gf * of).sum(-1, keepdim=True)
+    ds = p * (gf @ vf.transpose(-1, -2) - delta)
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@native_attn_bwd.register_fake
+def _(q, k, v, key_padding_mask, mask, out, dout, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, mask = inputs
+    out, lse = output
+    ctx.mask = mask
+    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+
+
+def _attn_backward(ctx, dout, dlse):
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    # lse is an auxiliary output for the backward; its gradient is not propagated.
+    dq, dk, dv = native_attn_bwd(q, k, v, key_padding_mask, ctx.mask, out, dout.contiguous(), lse)
+    return dq, dk, dv, None, None
+
+
+native_attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+# ----------------------------------------------------------------------- decode step
+
+@torch.library.custom_op("calm_fast::native_decode_step", mutates_args=("k_cache", "v_cache"),
+                         device_types="cpu")
+def native_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.Tensor,
+                       w_kv: torch.Tensor | None, b_kv: torch.Tensor | None, w_o: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
+                       key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    args, out = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
+    _C.set_num_threads(torch.get_num_threads())
+    _C.decode_step(*args[:8], args[8], pos, n_heads, _desc(out))
+    return out
+
+
+@native_decode_step.register_kernel("cuda")
+def _decode_step_cuda(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
+    args, out = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
+    nbytes = _C_cuda.decode_workspace_bytes(h_b.shape[0], h_b.shape[2], n_heads, k_cache.shape[2])
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=h_b.device)
+    with torch.cuda.device(h_b.device):
+        stream = torch.cuda.current_stream(h_b.device).cuda_stream
+        _C_cuda.decode_step(*args[:8], args[8], pos, n_heads, _desc(out), workspace.data_ptr(),
+                            nbytes, stream)
+    return out
+
+
+@native_decode_step.register_fake
+def _(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
+    return h_b.new_empty(h_b.shape)
+
+
+def _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask):
+    ins = [_unit_inner(t) if t is not None else None for t in (h_b, h_a, w_q, w_kv, b_kv, w_o)]
+    if h_a is None:  # context mode: the projection weights are not read
+        ins[3] = ins[4] = None
+    out = h_b.new_empty(h_b.shape)
+    return [_desc(t) for t in ins] + [_desc(k_cache), _desc(v_cache), _desc(key_padding_mask)], out
+
+
+# ------------------------------------------------------------------- backend surface
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "aligned",
+                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.cross_attention on the native kernels (differentiable)."""
+    _check_attention(q, k, v, mask, key_padding_mask)
+    return native_attn_fwd(q, k, v, key_padding_mask, mask)[0]
+
+
+def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.Tensor,
+                       w_kv: torch.Tensor, b_kv: torch.Tensor, w_o: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
+                       key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.bridge_decode_step in one fused native call (inference only)."""
+    _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask)
+    return native_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                              key_padding_mask)

@@ -1,0 +1,302 @@
+// Flash-style masked cross-attention on the CPU, forward and backward.
+//
+// Included once per instruction set by kernels_isa.cpp (inside namespace CF_ISA_NS), so the
+// same loops are compiled for SSE2, AVX2 and AVX-512 and picked at run time. Work is split
+// over (batch, head, row block) with OpenMP; inside a block the loops are written so the
+// compiler vectorises them: scores as broadcast-FMA over a transposed key tile, P·V as
+// four-row AXPYs. Nothing of size Tq x Tk is ever stored.
+#pragma once
+#include "../params.hpp"
+#include "numeric.hpp"
+
+namespace cf {
+namespace CF_ISA_NS {
+
+constexpr int kBQ = 32;  // query rows per work item
+constexpr int kBK = 64;  // key rows per tile
+
+template <typename T>
+inline const T* row_ptr(const void* base, const int64_t* s, int64_t b, int64_t h, int64_t i) {
+  return static_cast<const T*>(base) + b * s[0] + h * s[1] + i * s[2];
+}
+template <typename T>
+inline T* row_ptr_mut(void* base, const int64_t* s, int64_t b, int64_t h, int64_t i) {
+  return static_cast<T*>(base) + b * s[0] + h * s[1] + i * s[2];
+}
+
+// A key tile converted to the accumulator type, in both layouts the kernels need:
+// kt (D x kBK, for scores by broadcast-FMA) and kr (kBK x D, for AXPYs).
+template <typename T, typename A>
+struct KeyTile {
+  Buf<A> kt, kr, vt, vr;
+  A valid[kBK];  // 1 where the key exists and is not padding
+  int n = 0;
+  explicit KeyTile(int64_t D) : kt(D * kBK), kr(kBK * D), vt(D * kBK), vr(kBK * D) {}
+  bool ok() const { return kt.ok() && kr.ok() && vt.ok() && vr.ok(); }
+
+  void load(const AttnParams& p, int64_t b, int64_t h, int64_t j0, bool need_vt) {
+    const int64_t D = p.D;
+    n = int(imin(kBK, p.Tk - j0));
+    for (int jj = 0; jj < kBK; ++jj) {
+      if (jj < n) {
+        const T* kp = row_ptr<T>(p.k, p.sk, b, h, j0 + jj);
+        const T* vp = row_ptr<T>(p.v, p.sv, b, h, j0 + jj);
+        A* krow = &kr[jj * D];
+        A* vrow = &vr[jj * D];
+        for (int64_t d = 0; d < D; ++d) krow[d] = to_acc(kp[d]);
+        for (int64_t d = 0; d < D; ++d) vrow[d] = to_acc(vp[d]);
+        valid[jj] = (p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j0 + jj) * p.skpm[1]]) ? A(1) : A(0);
+      } else {
+        for (int64_t d = 0; d < D; ++d) kr[jj * D + d] = A(0);
+        for (int64_t d = 0; d < D; ++d) vr[jj * D + d] = A(0);
+        valid[jj] = A(0);
+      }
+      for (int64_t d = 0; d < D; ++d) kt[d * kBK + jj] = kr[jj * D + d];
+      if (need_vt)
+        for (int64_t d = 0; d < D; ++d) vt[d * kBK + jj] = vr[jj * D + d];
+    }
+  }
+};
+
+// s[0:kBK] = x · rows of the tile whose transpose is `t` (D x kBK).
+template <typename A>
+inline void tile_dots(const A* __restrict x, const A* __restrict t, int64_t D, A* __restrict s) {
+  for (int jj = 0; jj < kBK; ++jj) s[jj] = A(0);
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const A x0 = x[d], x1 = x[d + 1], x2 = x[d + 2], x3 = x[d + 3];
+    const A* t0 = t + d * kBK;
+#pragma omp simd
+    for (int jj = 0; jj < kBK; ++jj)
+      s[jj] += x0 * t0[jj] + x1 * t0[kBK + jj] + x2 * t0[2 * kBK + jj] + x3 * t0[3 * kBK + jj];
+  }
+  for (; d < D; ++d) {
+    const A x0 = x[d];
+    const A* t0 = t + d * kBK;
+#pragma omp simd
+    for (int jj = 0; jj < kBK; ++jj) s[jj] += x0 * t0[jj];
+  }
+}
+
+// y[0:D] += sum_jj w[jj] * rows[jj][0:D] over the first n rows.
+template <typename A>
+inline void tile_axpy(const A* __restrict w, const A* __restrict rows, int n, int64_t D,
+                      A* __restrict y) {
+  int jj = 0;
+  for (; jj + 4 <= n; jj += 4) {
+    const A w0 = w[jj], w1 = w[jj + 1], w2 = w[jj + 2], w3 = w[jj + 3];
+    if (w0 == A(0) && w1 == A(0) && w2 == A(0) && w3 == A(0)) continue;
+    const A *r0 = rows + jj * D, *r1 = r0 + D, *r2 = r1 + D, *r3 = r2 + D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) y[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d];
+  }
+  for (; jj < n; ++jj) {
+    const A w0 = w[jj];
+    const A* r0 = rows + jj * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) y[d] += w0 * r0[d];
+  }
+}
+
+// Last key index query row i may see (may be < 0: sees nothing).
+inline int64_t last_key(const AttnParams& p, int64_t i) {
+  return p.aligned ? i + (p.Tk - p.Tq) : p.Tk - 1;
+}
+
+// Returns false only when scratch memory could not be allocated.
+template <typename T>
+bool attn_fwd_impl(const AttnParams& p, int nthreads) {
+  using A = typename acc_of<T>::type;
+  const int64_t D = p.D, nqb = (p.Tq + kBQ - 1) / kBQ, items = p.B * p.H * nqb;
+  const A scale = A(1) / std::sqrt(A(D));
+  bool failed = false;
+#pragma omp parallel num_threads(nthreads)
+  {
+    KeyTile<T, A> tile(D);
+    Buf<A> qf(kBQ * D), acc(kBQ * D);
+    A m[kBQ], l[kBQ], s[kBK];
+    const bool ok = tile.ok() && qf.ok() && acc.ok();
+    if (!ok) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      if (!ok) continue;
+      const int64_t b = it / (p.H * nqb), h = (it / nqb) % p.H, i0 = (it % nqb) * kBQ;
+      const int nq = int(imin(kBQ, p.Tq - i0));
+      for (int r = 0; r < nq; ++r) {
+        const T* qp = row_ptr<T>(p.q, p.sq, b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_acc(qp[d]) * scale;
+        m[r] = neg_inf<A>();
+        l[r] = A(0);
+      }
+      acc.zero(kBQ * D);
+      const int64_t kend = imin(p.Tk, last_key(p, i0 + nq - 1) + 1);
+      for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+        tile.load(p, b, h, j0, false);
+        for (int r = 0; r < nq; ++r) {
+          const int64_t lim = last_key(p, i0 + r) - j0;  // last visible jj in this tile
+          if (lim < 0) continue;
+          tile_dots(&qf[r * D], tile.kt.data(), D, s);
+          A mx = m[r];
+          for (int jj = 0; jj < kBK; ++jj) {
+            s[jj] = (tile.valid[jj] != A(0) && jj <= lim) ? s[jj] : neg_inf<A>();
+            mx = mx > s[jj] ? mx : s[jj];
+          }
+          if (mx == neg_inf<A>()) continue;
+          const A alpha = exp_neg(m[r] - mx);
+          A sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int jj = 0; jj < kBK; ++jj) {
+            s[jj] = exp_neg(s[jj] - mx);
+            sum += s[jj];
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = mx;
+          A* y = &acc[r * D];
+          if (alpha != A(1))
+            for (int64_t d = 0; d < D; ++d) y[d] *= alpha;
+          tile_axpy(s, tile.vr.data(), tile.n, D, y);
+        }
+      }
+      for (int r = 0; r < nq; ++r) {
+        T* op = row_ptr_mut<T>(p.out, p.so, b, h, i0 + r);
+        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);
+        for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(acc[r * D + d] * inv);
+        A* lp = row_ptr_mut<A>(p.lse, p.sl, b, h, i0 + r);
+        *lp = l[r] > A(0) ? m[r] + std::log(l[r]) : neg_inf<A>();
+      }
+    }
+  }
+  return !failed;
+}
+
+// Backward in two passes with no atomics (deterministic): dk, dv per key tile over the
+// query rows that see it, then dq per query block over its key tiles. P is recomputed
+// from the saved logsumexp: p = exp(q·k * scale - lse).
+template <typename T>
+bool attn_bwd_impl(const AttnParams& p, int nthreads) {
+  using A = typename acc_of<T>::type;
+  const int64_t D = p.D, BH = p.B * p.H;
+  const A scale = A(1) / std::sqrt(A(D));
+  // delta_i = dout_i · out_i, the softmax-backward row term.
+  Buf<A> delta(BH * p.Tq);
+  if (!delta.ok()) return false;
+  bool failed = false;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < BH * p.Tq; ++r) {
+    const int64_t b = r / (p.H * p.Tq), h = (r / p.Tq) % p.H, i = r % p.Tq;
+    const T* o = row_ptr<T>(p.out, p.so, b, h, i);
+    const T* g = row_ptr<T>(p.dout, p.sdo, b, h, i);
+    A acc = 0;
+    for (int64_t d = 0; d < D; ++d) acc += to_acc(o[d]) * to_acc(g[d]);
+    delta[r] = acc;
+  }
+  const int64_t nkb = (p.Tk + kBK - 1) / kBK;
+#pragma omp parallel num_threads(nthreads)
+  {
+    KeyTile<T, A> tile(D);
+    Buf<A> qrow(D), grow(D), dk(kBK * D), dv(kBK * D);
+    A s[kBK], dp[kBK];
+    const bool ok = tile.ok() && qrow.ok() && grow.ok() && dk.ok() && dv.ok();
+    if (!ok) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < BH * nkb; ++it) {
+      if (!ok) continue;
+      const int64_t b = it / (p.H * nkb), h = (it / nkb) % p.H, j0 = (it % nkb) * kBK;
+      tile.load(p, b, h, j0, true);
+      dk.zero(kBK * D);
+      dv.zero(kBK * D);
+      const int64_t i_first = p.aligned ? imax(0, j0 - (p.Tk - p.Tq)) : 0;
+      for (int64_t i = i_first; i < p.Tq; ++i) {
+        const A lse = *row_ptr<A>(p.lse, p.sl, b, h, i);
+        if (lse == neg_inf<A>()) continue;
+        const int64_t lim = last_key(p, i) - j0;
+        const T* qp = row_ptr<T>(p.q, p.sq, b, h, i);
+        const T* gp = row_ptr<T>(p.dout, p.sdo, b, h, i);
+        for (int64_t d = 0; d < D; ++d) qrow[d] = to_acc(qp[d]) * scale;
+        for (int64_t d = 0; d < D; ++d) grow[d] = to_acc(gp[d]);
+        tile_dots(qrow.data(), tile.kt.data(), D, s);
+        tile_dots(grow.data(), tile.vt.data(), D, dp);
+        const A di = delta[(b * p.H + h) * p.Tq + i];
+        for (int jj = 0; jj < kBK; ++jj) {
+          const bool ok = tile.valid[jj] != A(0) && jj <= lim;
+          s[jj] = ok ? exp_neg(s[jj] - lse) : A(0);  // p_ij
+          dp[jj] = s[jj] * (dp[jj] - di);            // ds_ij
+        }
+        for (int jj = 0; jj < tile.n; ++jj) {
+          if (s[jj] == A(0)) continue;
+          A* dvr = &dv[jj * D];
+          A* dkr = &dk[jj * D];
+          const A pj = s[jj], dsj = dp[jj];  // dk_j += ds_ij * (scale * q_i)
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            dvr[d] += pj * grow[d];
+            dkr[d] += dsj * qrow[d];
+          }
+        }
+      }
+      for (int jj = 0; jj < tile.n; ++jj) {
+        T* dkp = row_ptr_mut<T>(p.dk, p.sdk, b, h, j0 + jj);
+        T* dvp = row_ptr_mut<T>(p.dv, p.sdv, b, h, j0 + jj);
+        for (int64_t d = 0; d < D; ++d) dkp[d] = from_acc<T>(dk[jj * D + d]);
+        for (int64_t d = 0; d < D; ++d) dvp[d] = from_acc<T>(dv[jj * D + d]);
+      }
+    }
+  }
+  const int64_t nqb = (p.Tq + kBQ - 1) / kBQ;
+#pragma omp parallel num_threads(nthreads)
+  {
+    KeyTile<T, A> tile(D);
+    Buf<A> qf(kBQ * D), gf(kBQ * D), dq(kBQ * D);
+    A s[kBK], dp[kBK], lse[kBQ];
+    const bool ok = tile.ok() && qf.ok() && gf.ok() && dq.ok();
+    if (!ok) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < BH * nqb; ++it) {
+      if (!ok) continue;
+      const int64_t b = it / (p.H * nqb), h = (it / nqb) % p.H, i0 = (it % nqb) * kBQ;
+      const int nq = int(imin(kBQ, p.Tq - i0));
+      for (int r = 0; r < nq; ++r) {
+        const T* qp = row_ptr<T>(p.q, p.sq, b, h, i0 + r);
+        const T* gp = row_ptr<T>(p.dout, p.sdo, b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_acc(qp[d]) * scale;
+        for (int64_t d = 0; d < D; ++d) gf[r * D + d] = to_acc(gp[d]);
+        lse[r] = *row_ptr<A>(p.lse, p.sl, b, h, i0 + r);
+      }
+      dq.zero(kBQ * D);
+      const int64_t kend = imin(p.Tk, last_key(p, i0 + nq - 1) + 1);
+      for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
+        tile.load(p, b, h, j0, true);
+        for (int r = 0; r < nq; ++r) {
+          const int64_t lim = last_key(p, i0 + r) - j0;
+          if (lim < 0 || lse[r] == neg_inf<A>()) continue;
+          tile_dots(&qf[r * D], tile.kt.data(), D, s);
+          tile_dots(&gf[r * D], tile.vt.data(), D, dp);
+          const A di = delta[(b * p.H + h) * p.Tq + i0 + r];
+          for (int jj = 0; jj < kBK; ++jj) {
+            const bool ok = tile.valid[jj] != A(0) && jj <= lim;
+            const A pj = ok ? exp_neg(s[jj] - lse[r]) : A(0);
+            dp[jj] = pj * (dp[jj] - di);
+          }
+          tile_axpy(dp, tile.kr.data(), tile.n, D, &dq[r * D]);
+        }
+      }
+      for (int r = 0; r < nq; ++r) {
+        T* dqp = row_ptr_mut<T>(p.dq, p.sdq, b, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) dqp[d] = from_acc<T>(dq[r * D + d] * scale);
+      }
+    }
+  }
+  return !failed;
+}
+
+}  // namespace CF_ISA_NS
+}  // namespace cf
