@@ -1,0 +1,527 @@
+"""Export a CALM (or a plain Decoder) to ONNX for ONNX Runtime.
+
+Layout of an export directory (described by `calm_onnx.json`, the only file the runtime in
+export/ort_generate.py reads before it opens the graphs):
+
+  model.onnx    one merged prefill/decode graph. Every cache is an input (`past ...`) and an
+                output (`present ...`): prefill feeds caches with 0 past positions, decode
+                feeds back the previous step's presents. Names:
+                  anchor:   past_key_values.{i}.key/value       -> present.{i}.key/value
+                  augment:  augment.{a}.past_key_values.{i}.key -> augment.{a}.present.{i}.key
+                  bridge:   bridge.{a}.{k}.past_key_values.key  -> bridge.{a}.{k}.present.key
+                (aligned mode; in context mode bridge K/V are static inputs `bridge.{a}.{k}.key`
+                from context.onnx, and there is no augment cache).
+  context.onnx  context mode only: context ids + mask -> every bridge's K/V, run once.
+  bridge_{a}_{k}.onnx  (export_bridges=True) one bridge on its own, see `export_bridge`.
+
+Why one merged graph: prefill and decode differ only in the number of new tokens and past
+positions, both dynamic axes, so one graph (and one set of weights on disk) serves both.
+
+The bridge's fused op (calm_fast.ops) is a torch custom op on some backends and has no ONNX
+translation; the export modules below call the reference math directly (standard ONNX ops), or,
+with `attention="mha"`, ORT's com.microsoft MultiHeadAttention so ORT runs its fused kernels.
+Semantics follow ops/reference.py: aligned query i sees key j iff j <= i + (Tk - Tq); padded keys
+are never seen; a query row with no visible key outputs 0.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import save_json
+from .composed import CALM
+from .decoder import ConcatKVCache, Decoder
+
+FORMAT = "calm_fast.onnx/1"
+MANIFEST = "calm_onnx.json"
+MODEL_FILE = "model.onnx"
+CONTEXT_FILE = "context.onnx"
+MIN_OPSET = 18
+ATTENTION_IMPLS = ("standard", "mha")
+EXPORTERS = ("torchscript", "dynamo")
+# Large negative instead of -inf: softmax stays finite, and rows with no visible key are
+# zeroed explicitly afterwards (ops/reference.py's rule), so no NaN can appear.
+_NEG = -1e30
+
+
+# ---- attention as export-friendly math ------------------------------------------------------
+def _attend_standard(q, k, v, allowed):
+    """q (B, H, Tq, d), k/v (B, H, Tk, d), allowed (B, 1, Tq, Tk) bool -> (B, H, Tq, d)."""
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = torch.where(allowed, scores, torch.full_like(scores, _NEG))
+    probs = torch.softmax(scores, dim=-1) * allowed.to(scores.dtype)
+    return probs @ v
+
+
+@torch.library.custom_op("calm_fast_export::mha", mutates_args=())
+def _mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+         n_heads: int) -> torch.Tensor:
+    """Export-only op: q (B, Tq, D) packed heads, k/v (B, H, Tk, d), bias (B, 1, Tq, Tk)
+    additive. Becomes com.microsoft::MultiHeadAttention in the ONNX graph."""
+    b, tq, d_model = q.shape
+    qh = q.view(b, tq, n_heads, d_model // n_heads).transpose(1, 2)
+    scores = (qh @ k.transpose(-1, -2)) * (1.0 / math.sqrt(qh.shape[-1])) + bias
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).reshape(b, tq, d_model)
+
+
+@_mha.register_fake
+def _(q, k, v, bias, n_heads):
+    return torch.empty_like(q)
+
+
+def _mha_translation():
+    """onnxscript translation of calm_fast_export::mha (imported lazily: export-time only)."""
+    import onnxscript
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def mha(q, k, v, bias, n_heads: int):
+        return msft.MultiHeadAttention(q, k, v, None, None, bias, num_heads=n_heads)
+    return mha
+
+
+def _attend(q, k, v, allowed, impl: str):
+    """Multi-head attention with ops/reference.py semantics, heads split (B, H, T, d) in and
+    merged (B, Tq, D) out."""
+    if impl == "standard":
+        out = _attend_standard(q, k, v, allowed)
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
+    b, h, tq, d = q.shape
+    bias = torch.where(allowed, torch.zeros((), dtype=q.dtype), torch.full((), _NEG, dtype=q.dtype))
+    out = _mha(q.transpose(1, 2).reshape(b, tq, h * d), k, v, bias, h)
+    # MHA averages V over a fully masked row; the reference defines that row as 0.
+    visible = allowed.any(dim=-1).transpose(1, 2).to(q.dtype)  # (B, Tq, 1)
+    return out * visible
+
+
+def _allowed(tq, tk, aligned: bool, key_mask):
+    """(B, 1, Tq, Tk) bool. key_mask (B, Tk) bool."""
+    allowed = key_mask[:, None, None, :]
+    if aligned:
+        i = torch.arange(tq, device=key_mask.device)[:, None]
+        j = torch.arange(tk, device=key_mask.device)[None, :]
+        allowed = allowed & (j <= i + (tk - tq))[None, None]
+    return allowed.expand(key_mask.shape[0], 1, tq, tk)
+
+
+class _BridgeStep(nn.Module):
+    """A bridge at inference: folded projection (one GEMM for K and V), K/V cache by concat."""
+
+    def __init__(self, bridge, dtype):
+        super().__init__()
+        w_kv, b_kv = bridge.folded_kv()
+        self.register_buffer("w_kv", w_kv.detach().to(dtype).clone())
+        self.register_buffer("b_kv", b_kv.detach().to(dtype).clone())
+        self.register_buffer("w_q", bridge.wq.weight.detach().to(dtype).clone())
+        self.register_buffer("w_o", bridge.wo.weight.detach().to(dtype).clone())
+        self.n_heads = bridge.n_heads
+        self.d_b = bridge.wq.weight.shape[0]
+
+    def kv(self, h_a):
+        """(B, T, D_A) -> K, V (B, H, T, d)."""
+        b, t, _ = h_a.shape
+        kv = torch.nn.functional.linear(h_a, self.w_kv, self.b_kv)
+        kv = kv.view(b, t, 2, self.n_heads, self.d_b // self.n_heads).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def attend(self, h_b, k, v, allowed, impl):
+        b, t, _ = h_b.shape
+        q = torch.nn.functional.linear(h_b, self.w_q)
+        q = q.view(b, t, self.n_heads, self.d_b // self.n_heads).transpose(1, 2)
+        return torch.nn.functional.linear(_attend(q, k, v, allowed, impl), self.w_o)
+
+
+class _Step(nn.Module):
+    """The merged prefill/decode graph: (input_ids, attention_mask, *caches) ->
+    (logits, *present caches). A Decoder is a CALM with no augments."""
+
+    def __init__(self, anchor: Decoder, calm: CALM | None, impl: str, dtype):
+        super().__init__()
+        self.anchor, self.calm, self.impl = anchor, calm, impl
+        self.aligned = calm is not None and calm.mode == "aligned"
+        self.n_aug_layers, self.table = [], {}
+        self.bridges = nn.ModuleList()
+        if calm is not None:
+            self.n_aug_layers = [calm._taps(a)[-1] + 1 for a in range(len(calm.augments))] \
+                if self.aligned else []
+            self.table = calm._by_anchor_layer()
+            self.bridges = nn.ModuleList(nn.ModuleList(_BridgeStep(b, dtype) for b in bs)
+                                         for bs in calm.bridges)
+
+    def forward(self, *inputs):
+        input_ids, attention_mask, caches = inputs[0], inputs[1], list(inputs[2:])
+        mask = attention_mask != 0
+        t = input_ids.shape[1]
+        n_anchor = self.anchor.cfg.n_layers
+        anchor_cache = ConcatKVCache(caches[0:2 * n_anchor:2], caches[1:2 * n_anchor:2])
+        rest = caches[2 * n_anchor:]
+        pos = anchor_cache.past_k[0].shape[2]
+        presents_aug, presents_bridge, states = [], [], []
+        if self.aligned:
+            for a, aug in enumerate(self.calm.augments):
+                n = self.n_aug_layers[a]
+                cache = ConcatKVCache(rest[0:2 * n:2], rest[1:2 * n:2])
+                rest = rest[2 * n:]
+                taps = self.calm._taps(a)
+                _, tapped = aug(input_ids, mask, cache=cache, pos=pos, taps=set(taps),
+                                stop_after=taps[-1], validate=False)
+                states.append(tapped)
+                for i in range(n):
+                    presents_aug += [cache.present_k[i], cache.present_v[i]]
+            # Aligned bridge K/V: past rows + this step's rows; masks cover past + new.
+            bridge_kv = {}
+            for a, m in enumerate(self.calm.mappings):
+                for k, (aug_layer, _) in enumerate(m):
+                    nk, nv = self.bridges[a][k].kv(states[a][aug_layer])
+                    pk, pv = rest[0], rest[1]
+                    rest = rest[2:]
+                    bridge_kv[a, k] = (torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2))
+                    presents_bridge += list(bridge_kv[a, k])
+            allowed = _allowed(t, pos + t, True, mask)
+        elif self.calm is not None:
+            context_mask = rest[0] != 0
+            rest = rest[1:]
+            bridge_kv = {}
+            for a, m in enumerate(self.calm.mappings):
+                for k in range(len(m)):
+                    bridge_kv[a, k] = (rest[0], rest[1])
+                    rest = rest[2:]
+            allowed = _allowed(t, context_mask.shape[1], False, context_mask)
+
+        def inject(entries):
+            def f(h):
+                out = h
+                for a, k, _ in entries:
+                    out = out + self.bridges[a][k].attend(h, *bridge_kv[a, k], allowed, self.impl)
+                return out
+            return f
+
+        after = {layer: inject(e) for layer, e in self.table.items()}
+        logits = self.anchor(input_ids, mask, cache=anchor_cache, pos=pos, after_block=after,
+                             validate=False)
+        presents = []
+        for i in range(n_anchor):
+            presents += [anchor_cache.present_k[i], anchor_cache.present_v[i]]
+        return (logits, *presents, *presents_aug, *presents_bridge)
+
+
+class _ContextEncoder(nn.Module):
+    """Context mode: context ids + mask -> every bridge's K/V (B, H, Tc, d), computed once."""
+
+    def __init__(self, calm: CALM, bridges: nn.ModuleList):
+        super().__init__()
+        self.calm, self.bridges = calm, bridges
+
+    def forward(self, context_ids, context_mask):
+        mask = context_mask != 0
+        outs = []
+        for a, aug in enumerate(self.calm.augments):
+            taps = self.calm._taps(a)
+            _, tapped = aug(context_ids, mask, taps=set(taps), stop_after=taps[-1], validate=False)
+            for k, (aug_layer, _) in enumerate(self.calm.mappings[a]):
+                outs += list(self.bridges[a][k].kv(tapped[aug_layer]))
+        return tuple(outs)
+
+
+class _BridgeOnly(nn.Module):
+    """One bridge with its K/V cache, for insertion into another stack."""
+
+    def __init__(self, bridge, mode: str, impl: str, dtype):
+        super().__init__()
+        self.step, self.aligned, self.impl = _BridgeStep(bridge, dtype), mode == "aligned", impl
+
+    def forward(self, hidden_anchor, hidden_augment, key_mask, past_key, past_value):
+        nk, nv = self.step.kv(hidden_augment)
+        k, v = torch.cat([past_key, nk], dim=2), torch.cat([past_value, nv], dim=2)
+        allowed = _allowed(hidden_anchor.shape[1], k.shape[2], self.aligned, key_mask != 0)
+        return hidden_anchor + self.step.attend(hidden_anchor, k, v, allowed, self.impl), k, v
+
+
+# ---- I/O description --------------------------------------------------------------------------
+def _tensor(name, dtype, shape, role, **extra):
+    return {"name": name, "dtype": dtype, "shape": shape, "role": role, **extra}
+
+
+def _io_spec(anchor: Decoder, calm: CALM | None, dtype_name: str):
+    """(inputs, outputs) of model.onnx, plus context.onnx's when in context mode. Shapes use
+    symbolic names: batch, seq (new tokens), past (cached positions), total = past + seq,
+    context (context tokens)."""
+    acfg = anchor.cfg
+    inputs = [_tensor("input_ids", "int64", ["batch", "seq"], "input_ids"),
+              _tensor("attention_mask", "int64", ["batch", "total"], "attention_mask")]
+    outputs = [_tensor("logits", dtype_name, ["batch", "seq", acfg.vocab_size], "logits")]
+    ctx = None
+
+    def cache(past, present, heads, head_dim, kind):
+        for kv in ("key", "value"):
+            inputs.append(_tensor(past.format(kv=kv), dtype_name, ["batch", heads, "past", head_dim],
+                                  "past", kind=kind, present=present.format(kv=kv)))
+            outputs.append(_tensor(present.format(kv=kv), dtype_name,
+                                   ["batch", heads, "total", head_dim], "present", kind=kind,
+                                   past=past.format(kv=kv)))
+
+    for i in range(acfg.n_layers):
+        cache(f"past_key_values.{i}.{{kv}}", f"present.{i}.{{kv}}", acfg.n_kv_heads, acfg.head_dim,
+              "anchor")
+    if calm is None:
+        return inputs, outputs, ctx
+    d = acfg.dim // acfg.n_heads
+    if calm.mode == "aligned":
+        for a, aug in enumerate(calm.augments):
+            for i in range(calm._taps(a)[-1] + 1):
+                cache(f"augment.{a}.past_key_values.{i}.{{kv}}", f"augment.{a}.present.{i}.{{kv}}",
+                      aug.cfg.n_kv_heads, aug.cfg.head_dim, "augment")
+        for a, m in enumerate(calm.mappings):
+            for k in range(len(m)):
+                cache(f"bridge.{a}.{k}.past_key_values.{{kv}}", f"bridge.{a}.{k}.present.{{kv}}",
+                      acfg.n_heads, d, "bridge")
+    else:
+        inputs.append(_tensor("context_mask", "int64", ["batch", "context"], "context_mask"))
+        ctx = {"inputs": [_tensor("context_ids", "int64", ["batch", "context"], "context_ids"),
+                          _tensor("context_mask", "int64", ["batch", "context"], "context_mask")],
+               "outputs": []}
+        for a, m in enumerate(calm.mappings):
+            for k in range(len(m)):
+                for kv in ("key", "value"):
+                    spec = _tensor(f"bridge.{a}.{k}.{kv}", dtype_name,
+                                   ["batch", acfg.n_heads, "context", d], "bridge_static",
+                                   kind="bridge")
+                    inputs.append(spec)
+                    ctx["outputs"].append(spec)
+    return inputs, outputs, ctx
+
+
+_NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _example(spec, sizes, vocab, dtype):
+    shape = [sizes.get(s, s) if isinstance(s, str) else s for s in spec["shape"]]
+    if spec["role"] in ("input_ids", "context_ids"):
+        return torch.randint(0, vocab, shape)
+    if spec["role"] in ("attention_mask", "context_mask"):
+        m = torch.ones(shape, dtype=torch.long)
+        m[0, 0] = 0  # a padded example so no mask branch is traced away
+        return m
+    return torch.randn(shape, dtype=dtype) * 0.1
+
+
+def _dynamic(specs):
+    """dynamo exporter: every symbolic axis dynamic; torch.export infers total = past + seq."""
+    return tuple({i: torch.export.Dim.DYNAMIC for i, s in enumerate(spec["shape"]) if isinstance(s, str)}
+                 for spec in specs)
+
+
+def _symbolic_mha(g, q, k, v, bias, n_heads):
+    """TorchScript-exporter translation of calm_fast_export::mha (omitted optional inputs,
+    bias and key_padding_mask, are empty names)."""
+    from torch.onnx import symbolic_helper
+    heads = symbolic_helper._get_const(n_heads, "i", "n_heads")
+    none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
+    out = g.op("com.microsoft::MultiHeadAttention", q, k, v, none, none, bias, num_heads_i=heads)
+    out.setType(q.type())  # same shape and dtype as the packed query
+    return out
+
+
+_SYMBOLIC_OPSETS: set[int] = set()
+
+
+def _export_graph(module, inputs, outputs, path: Path, sizes, vocab, dtype, opset, impl, exporter):
+    """Trace `module` into `path` (written atomically), name its axes as in the specs, check it."""
+    import onnx
+    args = tuple(_example(s, sizes, vocab, dtype) for s in inputs)
+    names_in, names_out = [s["name"] for s in inputs], [s["name"] for s in outputs]
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp_dir:
+        tmp = Path(tmp_dir) / path.name
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # both exporters are chatty about tracing details
+            if exporter == "torchscript":
+                if impl == "mha" and opset not in _SYMBOLIC_OPSETS:
+                    torch.onnx.register_custom_op_symbolic("calm_fast_export::mha", _symbolic_mha, opset)
+                    _SYMBOLIC_OPSETS.add(opset)
+                axes = {s["name"]: {i: d for i, d in enumerate(s["shape"]) if isinstance(d, str)}
+                        for s in inputs + outputs}
+                torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=names_in, output_names=names_out, dynamic_axes=axes,
+                                  do_constant_folding=True)
+            else:
+                dynamic = _dynamic(inputs)
+                if isinstance(module, _Step):
+                    dynamic = (dynamic,)  # forward(*inputs): torch.export sees one tuple argument
+                table = {torch.ops.calm_fast_export.mha.default: _mha_translation()} \
+                    if impl == "mha" else None
+                program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                            input_names=names_in, output_names=names_out,
+                                            dynamic_shapes=dynamic, custom_translation_table=table,
+                                            optimize=True, verbose=False)
+                program.save(str(tmp))
+        model = onnx.load(str(tmp))  # pulls in any external data the exporter wrote beside it
+    _name_axes(model, inputs, outputs)
+    _save_atomic(model, path)
+    check_model(path)
+
+
+def _save_atomic(model, path: Path) -> None:
+    """Graph to a temp name, then rename: an interrupted export never leaves a half-written
+    graph. Weights past protobuf's 2 GiB ceiling go to one `<name>.data` file beside it."""
+    import onnx
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = path.with_name(path.name + ".data")
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    if weights > 1_800_000_000:
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(tmp))
+        data.unlink(missing_ok=True)
+    os.replace(tmp, path)
+
+
+def _name_axes(model, inputs, outputs) -> None:
+    """Graph inputs/outputs get the manifest's axis names (the exporters invent their own)."""
+    specs = {s["name"]: s for s in inputs + outputs}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        spec = specs.get(vi.name)
+        if spec is None:
+            raise ValueError(f"exported graph has an unexpected input/output {vi.name!r}")
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(spec["shape"]):
+            raise ValueError(f"exported {vi.name} has rank {len(dims)}, expected {len(spec['shape'])}")
+        for dim, want in zip(dims, spec["shape"]):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
+
+
+def check_model(path) -> None:
+    """onnx.checker (full) and strict shape inference; raises ValueError naming the file."""
+    import onnx
+    path = Path(path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:  # checker raises several exception types; one clear error
+        raise ValueError(f"{path}: exported graph fails onnx checks: {e}") from None
+
+
+def _check_options(opset, attention, dtype, exporter):
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+
+
+def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
+                dtype: torch.dtype = torch.float32, export_bridges: bool = False,
+                exporter: str = "torchscript") -> dict:
+    """Write the ONNX export of `model` (a CALM or a Decoder) into `out_dir`; returns the
+    manifest (also written to out_dir/calm_onnx.json).
+
+    attention: "standard" (plain ONNX ops, any runtime) or "mha" (the bridges use ORT's
+      com.microsoft MultiHeadAttention: fused kernels, ONNX Runtime only).
+    export_bridges: also write each bridge on its own (see `export_bridge`).
+    exporter: "torchscript" (default: ~30x faster to trace than "dynamo" here, same graph
+      semantics, tested) or "dynamo" (torch.export + onnxscript).
+    dtype: float16 halves memory for CUDA; parity tests cover float32.
+    """
+    if not isinstance(model, (CALM, Decoder)):
+        raise TypeError(f"export_onnx needs a CALM or a Decoder, got {type(model).__name__}")
+    _check_options(opset, attention, dtype, exporter)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calm = model if isinstance(model, CALM) else None
+    anchor = model.anchor if calm is not None else model
+    was_training = model.training
+    model.eval()
+    try:
+        base = _Step(anchor, calm, attention, dtype).to(dtype).eval()
+        dtype_name = _NP_DTYPES[dtype]
+        inputs, outputs, ctx = _io_spec(anchor, calm, dtype_name)
+        vocab = anchor.cfg.vocab_size
+        sizes = {"batch": 2, "seq": 3, "past": 4, "total": 7, "context": 5}
+        _export_graph(base, inputs, outputs, out_dir / MODEL_FILE, sizes, vocab, dtype, opset, attention,
+                      exporter)
+        manifest = {
+            "format": FORMAT, "opset": opset, "attention": attention, "dtype": dtype_name,
+            "exporter": exporter,
+            "vocab_size": vocab, "kind": "calm" if calm is not None else "decoder",
+            "mode": calm.mode if calm is not None else None,
+            "max_seq_len": anchor.cfg.max_seq_len,
+            "graphs": {"model": {"file": MODEL_FILE, "inputs": inputs, "outputs": outputs}},
+            "symbols": {"batch": "sequences in the batch", "seq": "new tokens this call",
+                        "past": "positions already cached (0 at prefill)",
+                        "total": "past + seq", "context": "context tokens (context mode)"},
+        }
+        if ctx is not None:
+            _export_graph(_ContextEncoder(calm, base.bridges).eval(), ctx["inputs"], ctx["outputs"],
+                          out_dir / CONTEXT_FILE, sizes, vocab, dtype, opset, attention, exporter)
+            manifest["graphs"]["context"] = {"file": CONTEXT_FILE, **ctx}
+            manifest["max_context_len"] = min(a.cfg.max_seq_len for a in calm.augments)
+        if export_bridges and calm is not None:
+            manifest["bridges"] = []
+            for a, bs in enumerate(calm.bridges):
+                for k, bridge in enumerate(bs):
+                    name = f"bridge_{a}_{k}.onnx"
+                    spec = export_bridge(bridge, out_dir / name, mode=calm.mode, opset=opset,
+                                         attention=attention, dtype=dtype, exporter=exporter)
+                    manifest["bridges"].append({"augment": a, "index": k,
+                                                "augment_layer": calm.mappings[a][k][0],
+                                                "anchor_layer": calm.mappings[a][k][1], **spec})
+        save_json(out_dir / MANIFEST, manifest)
+        return manifest
+    finally:
+        model.train(was_training)
+
+
+def export_bridge(bridge, path, *, mode: str = "aligned", opset: int = 18, attention: str = "standard",
+                  dtype: torch.dtype = torch.float32, exporter: str = "torchscript") -> dict:
+    """Export one bridge (folded projection + cross-attention + residual) as its own graph.
+
+    Inputs:  hidden_anchor (batch, seq, D_B): the anchor block's output (the residual stream);
+             hidden_augment (batch, new, D_A): the augment block's output rows not yet cached
+               (aligned mode: the same new tokens as hidden_anchor; context mode: the context,
+               once, with past 0);
+             key_mask (batch, past + new) int64, 1 = real key;
+             past_key, past_value (batch, H, past, D_B / H): this bridge's K/V so far.
+    Outputs: hidden (batch, seq, D_B) = hidden_anchor + W_o Attn(...);
+             present_key, present_value (batch, H, past + new, D_B / H).
+    Aligned mode: anchor query i (the last `seq` positions) sees key j iff j <= i + (Tk - seq).
+    Returns the graph description (file, mode, inputs, outputs)."""
+    from .bridge import Bridge
+    if not isinstance(bridge, Bridge):
+        raise TypeError(f"export_bridge needs a Bridge, got {type(bridge).__name__}")
+    if mode not in ("aligned", "context"):
+        raise ValueError(f"mode must be 'aligned' or 'context', got {mode!r}")
+    _check_options(opset, attention, dtype, exporter)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d_b, d_a = bridge.wq.weight.shape[0], bridge.proj.weight.shape[1]
+    h, dn = bridge.n_heads, _NP_DTYPES[dtype]
+    d = d_b // h
+    inputs = [_tensor("hidden_anchor", dn, ["batch", "seq", d_b], "hidden_anchor"),
+              _tensor("hidden_augment", dn, ["batch", "new", d_a], "hidden_augment"),
+              _tensor("key_mask", "int64", ["batch", "total"], "key_mask"),
+              _tensor("past_key", dn, ["batch", h, "past", d], "past", present="present_key"),
+              _tensor("past_value", dn, ["batch", h, "past", d], "past", present="present_value")]
+    outputs = [_tensor("hidden", dn, ["batch", "seq", d_b], "hidden"),
+               _tensor("present_key", dn, ["batch", h, "total", d], "present", past="past_key"),
+               _tensor("present_value", dn, ["batch", h, "total", d], "present", past="past_value")]
+    module = _BridgeOnly(bridge, mode, attention, dtype).to(dtype).eval()
+    sizes = {"batch": 2, "seq": 3, "new": 2, "past": 4, "total": 6}
+    _export_graph(module, inputs, outputs, path, sizes, 2, dtype, opset, attention, exporter)
+    return {"file": path.name, "mode": mode, "inputs": inputs, "outputs": outputs}
+
+
+__all__ = ["MANIFEST", "check_model", "export_bridge", "export_onnx"]
