@@ -1,0 +1,240 @@
+"""Training: the base models (m_A, m_B) and the composition (Θ_C only), one loop for all.
+
+AdamW, linear warmup + cosine decay, gradient clipping, loss on answer tokens only, gradient
+accumulation, optional torch.compile of the loss step, optional bf16 autocast, periodic
+evaluation, checkpoints every N steps with exact resume, metrics as JSONL, a tqdm bar.
+
+Exact resume: each step's data is a pure function of (seed, step, micro-step), and a
+checkpoint holds the trained tensors, AdamW's state and the step, so a run resumed from a
+checkpoint produces bitwise the same losses as one that never stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint
+
+CKPT_DIR = "checkpoint"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.95)
+    clip: float = 1.0
+    eval_every: int = 0          # 0 = only at the end
+    eval_samples: int = 200
+    ckpt_every: int = 0          # 0 = no intermediate checkpoints
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+    bf16: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"train.{name} must be a positive int, got {v!r}")
+        for name in ("warmup", "eval_every", "ckpt_every", "eval_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"train.{name} must be a non-negative int, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr!r}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown train field(s): {unknown}")
+        return cls(**d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at cfg.steps."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    frac = min(1.0, (step - cfg.warmup) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+def answer_loss(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over answer tokens only: loss_mask[b, t] = position t predicts an answer
+    token tokens[b, t+1]."""
+    m = loss_mask[:, :-1]
+    return F.cross_entropy(logits[:, :-1][m].float(), tokens[:, 1:][m])
+
+
+def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on vectors (norms, biases)."""
+    decay = [p for n, p in params.items() if p.dim() >= 2]
+    no_decay = [p for n, p in params.items() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def save_checkpoint(directory: Path, step: int, params: dict[str, nn.Parameter],
+                    opt: torch.optim.Optimizer, extra: dict | None = None) -> None:
+    """Trained tensors + AdamW state (safetensors) + step and param groups (JSON), atomically."""
+    directory = Path(directory)
+    sd = opt.state_dict()
+    tensors = {f"param.{n}": p.detach() for n, p in params.items()}
+    names = list(params)
+    scalars = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                tensors[f"opt.{names[idx]}.{k}"] = v
+            else:
+                scalars[f"{names[idx]}.{k}"] = float(v)
+    checkpoint.save_tensors(directory / "state.safetensors", tensors)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    checkpoint.save_json(directory / "state.json", {"step": step, "param_groups": groups,
+                                                   "scalars": scalars, "names": names, **(extra or {})})
+
+
+def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict:
+    directory = Path(directory)
+    meta = checkpoint.load_json(directory / "state.json")
+    tensors = checkpoint.load_tensors(directory / "state.safetensors")
+    names = list(params)
+    if meta["names"] != names:
+        raise ValueError(f"{directory}: checkpoint holds parameters {meta['names'][:3]}... that do not "
+                         f"match this run's {names[:3]}...")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    state = {}
+    for idx, n in enumerate(names):
+        st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        for key, val in meta["scalars"].items():
+            if key.rsplit(".", 1)[0] == n:
+                st[key.rsplit(".", 1)[1]] = torch.tensor(val)
+        if st:
+            state[idx] = st
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    return meta
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[torch.Tensor, int]],
+        cfg: TrainConfig, out_dir=None, evaluate: Callable[[int], dict] | None = None,
+        desc: str = "train", resume: bool = True, modules: list[nn.Module] = ()) -> list[dict]:
+    """Train `params` for cfg.steps optimizer steps.
+
+    step_loss(step, micro) -> (mean loss over answer tokens, number of tokens processed).
+    Writes out_dir/metrics.jsonl and out_dir/checkpoint/ (every cfg.ckpt_every steps and at
+    the end); resumes from it when present and `resume`. Returns the metric records."""
+    out_dir = Path(out_dir) if out_dir is not None else None
+    opt = make_optimizer(params, cfg)
+    start, records = 0, []
+    metrics_path = out_dir / METRICS if out_dir is not None else None
+    if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.json").is_file():
+        meta = load_checkpoint(out_dir / CKPT_DIR, params, opt)
+        start = meta["step"]
+        if metrics_path.is_file():
+            records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
+    if metrics_path is not None:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def log(rec):
+        records.append(rec)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    for m in modules:
+        m.train()
+    bar = None
+    if cfg.progress and start < cfg.steps:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, leave=False)
+    tokens_seen, t0 = 0, time.perf_counter()
+    run_loss, run_n = 0.0, 0
+    plist = list(params.values())
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            loss, ntok = step_loss(step, micro)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            tokens_seen += ntok
+        gnorm = torch.nn.utils.clip_grad_norm_(plist, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+        opt.step()
+        loss_val = loss_sum / cfg.grad_accum
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"{desc}: loss became {loss_val} at step {step}")
+        run_loss, run_n = run_loss + loss_val, run_n + 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            tps = tokens_seen / max(1e-9, time.perf_counter() - t0)
+            log({"step": done, "loss": run_loss / run_n, "lr": lr, "grad_norm": float(gnorm),
+                 "tokens_per_s": round(tps, 1), "time_s": round(time.perf_counter() - t0, 2)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{run_loss / run_n:.4f}", tok_s=f"{tps:.0f}")
+            run_loss, run_n = 0.0, 0
+        if bar is not None:
+            bar.update(1)
+        if evaluate is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+            for m in modules:
+                m.eval()
+            res = evaluate(done)
+            for m in modules:
+                m.train()
+            log({"step": done, "eval": res})
+            if bar is not None:
+                bar.write(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.1f}%" for k, v in res.items()))
+        if out_dir is not None and ((cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps):
+            save_checkpoint(out_dir / CKPT_DIR, done, params, opt)
+    if bar is not None:
+        bar.close()
+    for m in modules:
+        m.eval()
+    return records
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def autocast_ctx(enabled: bool, device: torch.device):
+    if not enabled:
+        import contextlib
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

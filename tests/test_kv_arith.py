@@ -1,0 +1,115 @@
+"""The key-value arithmetic task: generator, splits, tokenizer, evaluation, shipped bases."""
+import re
+
+import pytest
+import torch
+
+from calm_fast.tasks.kv_arith import (DATASETS, SCALES, KVArith, TaskConfig, Tokenizer, collate, evaluate,
+                                      evaluate_expression, exact_match, generate_answers, make_keys)
+
+
+def test_generator_is_deterministic_from_the_seed():
+    a, b = KVArith(TaskConfig(seed=3)), KVArith(TaskConfig(seed=3))
+    assert a.keys == b.keys and a.value == b.value and a.held_in == b.held_in
+    for d in DATASETS:
+        assert [e.text for e in a.sample(d, "held_out", 20, 7)] == [e.text for e in b.sample(d, "held_out", 20, 7)]
+    c = KVArith(TaskConfig(seed=4))
+    assert c.keys != a.keys
+    assert [e.text for e in a.sample("kv_arithmetic", "all", 20, 7)] != \
+        [e.text for e in a.sample("kv_arithmetic", "all", 20, 8)]
+
+
+def test_keys_values_and_disjoint_splits():
+    t = KVArith(TaskConfig(n_kv=200, seed=0))
+    assert len(set(t.keys)) == 200
+    assert all(re.fullmatch(r"[a-z]{2,6}", k) for k in t.keys)
+    assert sorted(t.value.values()) == list(range(1, 201))  # unique values in [1, N_KV]
+    assert set(t.held_in).isdisjoint(t.held_out)
+    assert set(t.held_in) | set(t.held_out) == set(t.keys)
+    assert len(t.held_in) == 40  # 20% held in
+    for e in t.sample("kv_arithmetic", "held_in", 50, 0):
+        assert all(w in t.held_in for w in e.text.split("=")[0].split() if w.isalpha())
+
+
+def test_keys_are_single_tokens_and_roles_never_see_the_other_data():
+    t = KVArith(TaskConfig(n_kv=50))
+    tok = t.tok
+    for k in t.keys:
+        assert len(tok.encode(k)) == 1 and tok.is_key(tok.encode(k)[0])
+    for e in t.sample("numeric_arithmetic", "all", 100, 0):  # m_B's data: no key token
+        assert not any(tok.is_key(i) for i in e.prompt + e.answer)
+    for e in t.sample("kv_substitution", "all", 100, 0):  # m_A's data: the answer is the substitution
+        lhs, rhs = e.text.split(" = ")
+        assert rhs == " ".join(str(t.value[w]) if w in t.value else w for w in lhs.split())
+
+
+def test_tokenizer_round_trip_and_lsd_first():
+    tok = Tokenizer(make_keys(30, 0))
+    key = tok.itos[tok.first_key_id]
+    for text in ["12 + 7 = 19", f"{key} - {key} * 3 = 0", "100 - 1 = 99", "5 * 4 = 20", "0"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("123") == [tok.stoi["3"], tok.stoi["2"], tok.stoi["1"]]  # least significant first
+    assert tok.decode(tok.encode("3 - 10 =") + tok.encode("-7") + [tok.eos_id]) == "3 - 10 = -7 <eos>"
+    with pytest.raises(ValueError, match="unknown word"):
+        tok.encode("12 + zzzzzzzzz =")
+
+
+def test_expression_precedence():
+    assert evaluate_expression([10, 14, 2], ["+", "*"]) == 38  # the paper's x1 + x8 * xn = 38
+    assert evaluate_expression([10, 22, 24], ["+", "-"]) == 8
+    assert evaluate_expression([2, 3, 4, 5], ["*", "-", "*"]) == -14
+    assert evaluate_expression([7], []) == 7
+
+
+def test_scales():
+    paper = SCALES["paper"]
+    assert paper.n_kv == 25_000 and (paper.min_operands, paper.max_operands) == (3, 6) and paper.operators == "+-*"
+    with pytest.raises(ValueError, match="operators"):
+        TaskConfig(operators="/")
+
+
+def test_collate_masks_answer_targets_only():
+    t = KVArith(TaskConfig(n_kv=20))
+    ex = t.sample("numeric_arithmetic", "all", 4, 0)
+    tokens, mask, plen = collate(ex)
+    for i, e in enumerate(ex):
+        targets = tokens[i, 1:][mask[i, :-1]].tolist()
+        assert targets == e.answer
+
+
+def test_exact_match_on_hand_built_examples():
+    eos = 2
+    targets = [[5, 6, eos], [7, eos], [9, eos]]
+    preds = [[5, 6, eos, 0, 0], [7, 8, eos], [9]]  # right, wrong digit, no EOS
+    assert exact_match(preds, targets, eos) == pytest.approx(100 / 3)
+    assert exact_match([[5, 6, eos, 4]], [[5, 6, eos]], eos) == 100.0  # tokens after EOS ignored
+    with pytest.raises(ValueError):
+        exact_match([[1]], [], eos)
+
+
+def test_evaluation_of_an_oracle_and_a_constant_model():
+    """A Decoder whose logits are forced to the right answer scores 100; a constant one 0."""
+    from calm_fast import Decoder, DecoderConfig
+    t = KVArith(SCALES["tiny"])
+    ex = t.sample("numeric_arithmetic", "all", 6, 0)
+    m = Decoder(DecoderConfig(vocab_size=t.tok.vocab_size, dim=16, n_layers=1, n_heads=2, max_seq_len=32))
+    pred = generate_answers(m, ex, t.max_answer_len("numeric_arithmetic"), t.tok.eos_id)
+    assert len(pred) == 6 and all(len(p) <= t.max_answer_len("numeric_arithmetic") for p in pred)
+    with torch.no_grad():  # make it always emit EOS: never correct (answers have >= 1 digit)
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[t.tok.eos_id] = 1.0
+        m.norm.weight.fill_(1.0)
+    assert evaluate(m, t, "numeric_arithmetic", "all", 8) == 0.0
+    assert exact_match([e.answer for e in ex], [e.answer for e in ex], t.tok.eos_id) == 100.0
+
+
+def test_shipped_bases_load_and_score_above_a_floor():
+    from calm_fast.demo import ASSETS, load_bases
+    if not (ASSETS / "m_B.safetensors").is_file():
+        pytest.skip("no shipped base models")
+    torch.manual_seed(0)
+    task, m_A, m_B = load_bases(ASSETS)
+    assert m_A.cfg.vocab_size == m_B.cfg.vocab_size == task.tok.vocab_size
+    assert evaluate(m_A, task, "kv_substitution", "all", 64, seed=1) >= 80
+    assert evaluate(m_B, task, "numeric_arithmetic", "all", 64, seed=1) >= 70
+    assert evaluate(m_B, task, "kv_arithmetic", "held_out", 32, seed=1) <= 10  # m_B does not know the keys
