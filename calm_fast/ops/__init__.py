@@ -34,14 +34,20 @@ _AUTO = {
 _loaded: dict[str, ModuleType | None] = {}
 
 
+def _load_backends() -> None:
+    """Import every backend once, at import time (custom ops register then, and nothing is
+    imported inside a torch.compile trace); a backend that cannot load here (extension not
+    built, no triton) is recorded as None."""
+    for name, modname in _MODULES.items():
+        if modname not in _loaded:
+            try:
+                _loaded[modname] = importlib.import_module(modname)
+            except (ImportError, OSError):
+                _loaded[modname] = None
+
+
 def _module(name: str) -> ModuleType | None:
-    """Import a backend's module once; None if it cannot load here (not built, no triton)."""
-    if name not in _loaded:
-        try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
-        except (ImportError, OSError):
-            _loaded[name] = None
-    return _loaded[name]
+    return _loaded.get(_MODULES[name])
 
 
 def _runs_on(name: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -142,6 +148,8 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
     return mod.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
                                   key_padding_mask)
 
+
+_load_backends()
 
 __all__ = ["BACKENDS", "available_backends", "bridge_decode_step", "bridge_forward",
            "cross_attention", "fold_projection", "reference", "resolve_backend"]
