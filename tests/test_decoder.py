@@ -233,11 +233,10 @@ def test_sample_next_draws_only_allowed_tokens():
     # The nucleus for top_p=0.5: the smallest prefix of the ranking holding half the mass.
     k = int((probs[order].cumsum(0) < 0.5).sum()) + 1
     nucleus = set(order[:k].tolist())
-    seen_k, seen_p, seen_row0 = set(), set(), set()
-    for _ in range(300):
-        seen_k.add(int(sample_next(logits, 1.0, top_k=3, generator=g)[1]))
-        seen_p.add(int(sample_next(logits, 1.0, top_p=0.5, generator=g)[1]))
-        seen_row0.add(int(sample_next(logits, 1.0, top_k=5, generator=g)[0]))
+    many = lambda row: logits[row:row + 1].expand(2000, -1)  # 2000 draws in one call
+    seen_k = set(sample_next(many(1), 1.0, top_k=3, generator=g).tolist())
+    seen_p = set(sample_next(many(1), 1.0, top_p=0.5, generator=g).tolist())
+    seen_row0 = set(sample_next(many(0), 1.0, top_k=5, generator=g).tolist())
     assert seen_k == top3
     assert seen_p == nucleus and len(nucleus) < 30
     assert seen_row0 <= {3, 7, 11} | set(logits[0].topk(5).indices.tolist())

@@ -21,7 +21,7 @@ ATOL = 1e-4
 VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-              bos_token_id=None, eos_token_id=None, pad_token_id=0)
+              bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="eager")
 
 
 def _llama():
@@ -41,7 +41,7 @@ def _qwen2():
 def _gpt2():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0))
+        bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="eager"))
 
 
 BUILDERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gpt2": _gpt2}
@@ -72,7 +72,7 @@ def saved(tmp_path_factory):
     for i, (name, build) in enumerate(BUILDERS.items()):
         torch.manual_seed(i)
         model = build().float().eval()
-        model.config._attn_implementation = "eager"
+        assert model.config._attn_implementation == "eager"
         _randomize(model, i)
         d = tmp_path_factory.mktemp(name)
         model.save_pretrained(d)
