@@ -492,53 +492,65 @@ def _decode_out(HB, WO, PM, PL, PACC, OUT, B, D_B, H, hd, s_hb, s_wo, s_out, NS,
 _SMEM_BYTES = 227 * 1024   # Hopper's per-block opt-in limit; bigger tiles cannot launch anyway
 
 
-def _fits_smem(rows_resident: int, rows_streamed: int, stages: int, head_dim: int, elt: int) -> bool:
-    return (rows_resident + stages * rows_streamed) * head_dim * elt <= _SMEM_BYTES
-
-
-def _elt(args) -> int:
-    return args["Q"].element_size()
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    hd, elt = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM")), _elt(named_args)
-    kept = [c for c in configs if _fits_smem(c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"],
-                                             c.num_stages, hd, elt)]
-    return kept or configs[-1:]
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    # dk/dv keeps k, v resident and streams q, do; dq keeps q, do and streams k, v.
-    hd, elt = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM")), _elt(named_args)
-    kept = [c for c in configs if _fits_smem(2 * c.kwargs["BLOCK_N"], 2 * c.kwargs["BLOCK_M"],
-                                             c.num_stages, hd, elt)
-            or _fits_smem(2 * c.kwargs["BLOCK_M"], 2 * c.kwargs["BLOCK_N"], c.num_stages, hd, elt)]
-    return kept or configs[-1:]
-
-
 def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 4),
-                _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
-_DKDV_CONFIGS = [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2),
-                 _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2)]
-_DQ_CONFIGS = [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 64, 8, 2),
-               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
+# Candidates for 16-bit inputs on Hopper. fp32 uses IEEE dot products (FMA, no tensor cores):
+# large tiles spill and take minutes to compile, so fp32 gets its own small set.
+_CONFIGS = {
+    "_attn_fwd": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3),
+                  _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4),
+                  _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+    "_attn_bwd_dkdv": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 2),
+                       _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2)],
+    "_attn_bwd_dq": [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2),
+                     _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+}
+_FP32_CONFIGS = {"_attn_fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
+                 "_attn_bwd_dkdv": [_cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2)],
+                 "_attn_bwd_dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)]}
 # Retune per power-of-two length bucket, not per exact length.
 _KEYS = ["TQ_KEY", "TK_KEY", "HEAD_DIM", "CAUSAL", "HAS_KPM", "PREC"]
-
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEYS,
-                             prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEYS,
-                              prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dkdv)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEYS,
-                            prune_configs_by={"early_config_prune": _prune_bwd})(_attn_bwd_dq)
-
 # Under the interpreter: small, deliberately unequal tiles so tests cross every block boundary.
 _INTERP_BLOCKS = {"_attn_fwd": (32, 16), "_attn_bwd_dkdv": (16, 32), "_attn_bwd_dq": (32, 16)}
-_TUNED = {"_attn_fwd": _fwd_tuned, "_attn_bwd_dkdv": _dkdv_tuned, "_attn_bwd_dq": _dq_tuned}
+
+
+def _smem_ok(name: str, c: triton.Config, head_dim: int, elt: int) -> bool:
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    # fwd and dq keep a BLOCK_M tile resident and stream K/V tiles; dk/dv the other way round.
+    resident, streamed = ((2 * bn, 2 * bm) if name == "_attn_bwd_dkdv" else (2 * bm, 2 * bn))
+    return (resident + c.num_stages * streamed) * head_dim * elt <= _SMEM_BYTES
+
+
+def _candidates(name: str, head_dim: int, elt: int) -> list:
+    pool = _FP32_CONFIGS[name] if elt == 4 else _CONFIGS[name]
+    return [c for c in pool if _smem_ok(name, c, head_dim, elt)] or pool[-1:]
+
+
+def _pruner(name: str):
+    def prune(configs, named_args, **kwargs):
+        return _candidates(name, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")),
+                           named_args["Q"].element_size())
+    return prune
+
+
+def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
+    """One sensible config without tuning (CALM_FAST_TRITON_AUTOTUNE=0, used by the tests)."""
+    cands = _candidates(name, head_dim, elt)
+    if elt == 4 or head_dim <= 64:
+        return cands[0]
+    if name == "_attn_fwd":   # 8 warps halve the per-thread accumulator at head dim >= 128
+        return next((c for c in cands if c.num_warps == 8), cands[0])
+    return cands[0]
+
+
+_TUNED = {name: triton.autotune(pool, key=_KEYS, prune_configs_by={"early_config_prune": _pruner(name)})(
+    globals()[name]) for name, pool in _CONFIGS.items()}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("CALM_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _launch_tuned(name: str, device: torch.device, grid_fn, *args, **constexprs) -> None:
@@ -546,8 +558,12 @@ def _launch_tuned(name: str, device: torch.device, grid_fn, *args, **constexprs)
         bm, bn = _INTERP_BLOCKS[name]
         meta = {"BLOCK_M": bm, "BLOCK_N": bn}
         globals()[name][grid_fn(meta)](*args, **constexprs, **meta)
-    else:
+    elif _autotune_enabled():
         _TUNED[name][grid_fn](*args, **constexprs)
+    else:
+        c = _default_config(name, constexprs["HEAD_DIM"], args[0].element_size())
+        globals()[name][grid_fn(c.kwargs)](*args, **constexprs, **c.kwargs,
+                                           num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _launch(name: str, device: torch.device, grid, *args, num_warps: int = 4, **constexprs) -> None:
