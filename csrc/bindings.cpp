@@ -13,6 +13,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("version", [] { return std::string(cf_version()); });
   m.def("cpu_isa", [] { return std::string(cf::cpu_kernels().isa); },
         "Instruction set of the CPU kernels picked for this machine.");
+  m.def("set_cpu_isa", [](const std::string& isa) {
+    const char* got = cf::set_cpu_isa_cap(isa.c_str());
+    if (got == nullptr) throw py::value_error("isa must be 'default', 'avx2' or 'avx512', got '" + isa + "'");
+    return std::string(got);
+  }, "Cap the CPU kernels' instruction set (testing/benchmarks); returns the one in use.");
   m.def("set_num_threads", [](int n) { cf_py::raise_if_error(cf_set_num_threads(n)); });
   m.def("attn_fwd", [](py::object q, py::object k, py::object v, py::object kpm, int mask,
                        py::object out, py::object lse) {

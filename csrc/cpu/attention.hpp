@@ -30,6 +30,7 @@ template <typename T, typename A>
 struct KeyTile {
   Buf<A> kt, kr, vt, vr;
   A valid[kBK];  // 1 where the key exists and is not padding
+  A bias[kBK];   // 0 where valid, -inf elsewhere (added to scores)
   int n = 0;
   explicit KeyTile(int64_t D) : kt(D * kBK), kr(kBK * D), vt(D * kBK), vr(kBK * D) {}
   bool ok() const { return kt.ok() && kr.ok() && vt.ok() && vr.ok(); }
@@ -46,10 +47,12 @@ struct KeyTile {
         for (int64_t d = 0; d < D; ++d) krow[d] = to_acc(kp[d]);
         for (int64_t d = 0; d < D; ++d) vrow[d] = to_acc(vp[d]);
         valid[jj] = (p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j0 + jj) * p.skpm[1]]) ? A(1) : A(0);
+        bias[jj] = valid[jj] != A(0) ? A(0) : neg_inf<A>();
       } else {
         for (int64_t d = 0; d < D; ++d) kr[jj * D + d] = A(0);
         for (int64_t d = 0; d < D; ++d) vr[jj * D + d] = A(0);
         valid[jj] = A(0);
+        bias[jj] = neg_inf<A>();
       }
       for (int64_t d = 0; d < D; ++d) kt[d * kBK + jj] = kr[jj * D + d];
       if (need_vt)
@@ -139,11 +142,12 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
           const int64_t lim = last_key(p, i0 + r) - j0;  // last visible jj in this tile
           if (lim < 0) continue;
           tile_dots(&qf[r * D], tile.kt.data(), D, s);
+          // Branch-free so it vectorises: bias is 0 for a usable key, -inf otherwise.
+#pragma omp simd
+          for (int jj = 0; jj < kBK; ++jj) s[jj] = jj <= lim ? s[jj] + tile.bias[jj] : neg_inf<A>();
           A mx = m[r];
-          for (int jj = 0; jj < kBK; ++jj) {
-            s[jj] = (tile.valid[jj] != A(0) && jj <= lim) ? s[jj] : neg_inf<A>();
-            mx = mx > s[jj] ? mx : s[jj];
-          }
+#pragma omp simd reduction(max : mx)
+          for (int jj = 0; jj < kBK; ++jj) mx = mx > s[jj] ? mx : s[jj];
           if (mx == neg_inf<A>()) continue;
           const A alpha = exp_neg(m[r] - mx);
           A sum = 0;

@@ -15,12 +15,21 @@ namespace {
 
 std::atomic<int> g_threads{0};
 
-int threads() {
+// Threads for a call doing about `work` multiply-adds: small calls run on one thread,
+// since waking a team costs more than they do (and far more on an oversubscribed machine).
+int threads(double work) {
+  if (work < 2e5) return 1;
   const int n = g_threads.load(std::memory_order_relaxed);
   return n > 0 ? n : omp_get_max_threads();
 }
 
+std::atomic<int> g_isa_cap{-1};  // -1: from CALM_FAST_CPU_ISA (else no cap)
+
+int isa_rank(const std::string& s) { return s == "default" ? 0 : s == "avx2" ? 1 : 2; }
+
 bool isa_allowed(const char* isa) {
+  const int forced = g_isa_cap.load();
+  if (forced >= 0) return isa_rank(isa) <= forced;
   const char* cap = std::getenv("CALM_FAST_CPU_ISA");
   if (cap == nullptr || *cap == '\0') return true;
   const std::string c = cap, want = isa;
@@ -46,9 +55,29 @@ cf_status oom() { return set_error(CF_ERR_INTERNAL, "out of memory for kernel sc
 
 }  // namespace
 
+namespace {
+std::atomic<const CpuKernels*> g_kernels{nullptr};
+}
+
 const CpuKernels& cpu_kernels() {
-  static const CpuKernels k = pick();
-  return k;
+  const CpuKernels* k = g_kernels.load(std::memory_order_acquire);
+  if (k == nullptr) {
+    static const CpuKernels picked = pick();
+    k = &picked;
+    g_kernels.store(k, std::memory_order_release);
+  }
+  return *k;
+}
+
+const char* set_cpu_isa_cap(const char* isa) {
+  static CpuKernels choices[3];
+  const std::string s = isa;
+  if (s != "default" && s != "avx2" && s != "avx512") return nullptr;
+  const int rank = isa_rank(s);
+  g_isa_cap.store(rank);
+  choices[rank] = pick();
+  g_kernels.store(&choices[rank], std::memory_order_release);
+  return choices[rank].isa;
 }
 
 }  // namespace cf
@@ -72,7 +101,7 @@ cf_status cf_attn_fwd_cpu(const cf_tensor* q, const cf_tensor* k, const cf_tenso
   cf_status s = make_attn_params(Backend::kCpu, q, k, v, kpm, mask, out, lse, &p);
   if (s != CF_OK) return s;
   if (p.B * p.H * p.Tq == 0) return CF_OK;
-  return cpu_kernels().attn_fwd(p, threads()) ? CF_OK : oom();
+  return cpu_kernels().attn_fwd(p, threads(double(p.B * p.H) * p.Tq * p.Tk * p.D)) ? CF_OK : oom();
 }
 
 cf_status cf_attn_bwd_cpu(const cf_tensor* q, const cf_tensor* k, const cf_tensor* v,
@@ -84,7 +113,7 @@ cf_status cf_attn_bwd_cpu(const cf_tensor* q, const cf_tensor* k, const cf_tenso
   if (s == CF_OK) s = add_attn_backward(dout, dq, dk, dv, &p);
   if (s != CF_OK) return s;
   if (p.B * p.H == 0) return CF_OK;
-  return cpu_kernels().attn_bwd(p, threads()) ? CF_OK : oom();
+  return cpu_kernels().attn_bwd(p, threads(2.0 * p.B * p.H * p.Tq * p.Tk * p.D)) ? CF_OK : oom();
 }
 
 cf_status cf_decode_step_cpu(const cf_tensor* h_b, const cf_tensor* h_a, const cf_tensor* w_q,
@@ -97,7 +126,8 @@ cf_status cf_decode_step_cpu(const cf_tensor* h_b, const cf_tensor* h_a, const c
                                    v_cache, kpm, pos, n_heads, out, &p);
   if (s != CF_OK) return s;
   if (p.B == 0) return CF_OK;
-  return cpu_kernels().decode_step(p, threads()) ? CF_OK : oom();
+  const double work = double(p.B) * (p.DB * (2.0 * p.DB + 2.0 * p.DA) + 2.0 * p.n * p.DB);
+  return cpu_kernels().decode_step(p, threads(work)) ? CF_OK : oom();
 }
 
 }  // extern "C"

@@ -12,11 +12,19 @@
 namespace cf {
 namespace CF_ISA_NS {
 
+// sum_i w[i] * x[i] with 16 independent partial sums: vectorises on every ISA and breaks
+// the FMA latency chain (a single-accumulator loop can stay scalar after inlining).
 template <typename T, typename A>
 inline A dot(const T* __restrict w, const A* __restrict x, int64_t n) {
+  constexpr int L = 16;
+  A part[L];
+  for (int l = 0; l < L; ++l) part[l] = A(0);
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) part[l] += to_acc(w[i + l]) * x[i + l];
   A acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += to_acc(w[i]) * x[i];
+  for (; i < n; ++i) acc += to_acc(w[i]) * x[i];
+  for (int l = 0; l < L; ++l) acc += part[l];
   return acc;
 }
 

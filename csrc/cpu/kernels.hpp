@@ -32,4 +32,8 @@ struct CpuKernels {
 // The widest instruction set this CPU runs (CALM_FAST_CPU_ISA=default|avx2|avx512 caps it).
 const CpuKernels& cpu_kernels();
 
+// Caps the instruction set ("default", "avx2", "avx512") for tests and benchmarks; returns
+// the one now in use (never wider than the CPU runs), or nullptr for an unknown name.
+const char* set_cpu_isa_cap(const char* isa);
+
 }  // namespace cf

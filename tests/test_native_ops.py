@@ -1,0 +1,377 @@
+"""The C++ CPU kernels (calm_fast._C through calm_fast.ops.native) against ops/reference.py."""
+from __future__ import annotations
+
+import ctypes
+import pytest
+import torch
+
+from calm_fast.ops import reference as ref
+
+native = pytest.importorskip("calm_fast.ops.native", reason="calm_fast._C is not built "
+                             "(run `python setup.py build_ext --inplace`)")
+if native._C is None:
+    pytest.skip("calm_fast._C (CPU kernels) is not built", allow_module_level=True)
+
+CPU = torch.device("cpu")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-5}
+
+
+def rel(out: torch.Tensor, want: torch.Tensor) -> float:
+    out, want = out.double(), want.double()
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    den = want.norm().item()
+    return (out - want).norm().item() / den if den > 0 else (out - want).norm().item()
+
+
+def make_kpm(b: int, tk: int, kind: str, gen: torch.Generator) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    kpm = torch.rand(b, tk, generator=gen) > 0.3
+    if kind == "left_pad":  # left padding: the first keys of each sequence are padding
+        kpm = torch.ones(b, tk, dtype=torch.bool)
+        for i in range(b):
+            kpm[i, : (i * 3 + 2) % max(tk, 1)] = False
+    if kind == "empty_row" and b > 0:
+        kpm[0] = False  # batch 0 sees no key at all
+    return kpm
+
+
+# (B, H, Tq, Tk, d): size 1, primes, non-multiples of the 32/64 blocks, Tq != Tk, Tq = 1.
+SHAPES = [(1, 1, 1, 1, 1), (2, 3, 1, 37, 16), (1, 2, 13, 13, 7), (2, 2, 67, 131, 64),
+          (1, 1, 97, 97, 128), (3, 1, 5, 70, 33)]
+
+
+def _attention_case(shape, mask, kind, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, tq, tk, d = shape
+    q, k, v = (torch.randn(b, h, t, d, generator=gen).to(dtype) for t in (tq, tk, tk))
+    return q, k, v, make_kpm(b, tk, kind, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["none", "random", "left_pad", "empty_row"])
+@pytest.mark.parametrize("mask", ["aligned", "context"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_forward_backward(shape, mask, kind, dtype):
+    q, k, v, kpm = _attention_case(shape, mask, kind, dtype)
+    qn, kn, vn = (t.clone().requires_grad_() for t in (q, k, v))
+    out = native.cross_attention(qn, kn, vn, mask, kpm)
+    assert out.dtype == dtype and out.shape == q.shape
+    # Reference on the same (possibly bf16) values, upcast to fp64 for the comparison.
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    want = ref.cross_attention(qr, kr, vr, mask, kpm)
+    assert rel(out, want) <= TOL[dtype]
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad.to(dtype))
+    want.backward(grad)
+    for name, got, exp in (("dq", qn.grad, qr.grad), ("dk", kn.grad, kr.grad), ("dv", vn.grad, vr.grad)):
+        assert got.dtype == dtype
+        assert rel(got, exp) <= TOL[dtype] * (2 if dtype == torch.bfloat16 else 1), name
+
+
+def test_rows_that_see_nothing_are_zero_with_zero_grads():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=gen, requires_grad=True) for _ in range(3))
+    kpm = torch.ones(2, 6, dtype=torch.bool)
+    kpm[0, :4] = False  # aligned: rows 0..3 of batch 0 see only padding
+    kpm[1, :] = False  # batch 1 sees nothing
+    out = native.cross_attention(q, k, v, "aligned", kpm)
+    assert torch.equal(out[0, :, :4], torch.zeros_like(out[0, :, :4]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert out[0, :, 4:].abs().sum() > 0
+    out.sum().backward()
+    assert torch.equal(q.grad[0, :, :4], torch.zeros_like(q.grad[0, :, :4]))
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+    assert torch.equal(k.grad[0, :, :4], torch.zeros_like(k.grad[0, :, :4]))  # padding keys
+    assert torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    _, lse = native.native_attn_fwd(q.detach(), k.detach(), v.detach(), kpm, "aligned")
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, :, :4]).all()
+
+
+def test_aligned_mask_hides_future_keys():
+    # Changing key/value j must not change queries that may not see j.
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen) for _ in range(3))
+    base = native.cross_attention(q, k, v, "aligned")
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 5] += 10
+    v2[:, :, 5] -= 10
+    moved = native.cross_attention(q, k2, v2, "aligned")
+    assert torch.equal(base[:, :, :5], moved[:, :, :5])
+    assert not torch.allclose(base[:, :, 5:], moved[:, :, 5:])
+
+
+def test_strided_views_match_contiguous():
+    # split_heads gives (B, H, T, d) views with a unit innermost stride: used without a copy.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 11, 4 * 16, generator=gen)
+    y = torch.randn(2, 19, 4 * 16, generator=gen)
+    q, k = ref.split_heads(x, 4), ref.split_heads(y, 4)
+    assert not q.is_contiguous()
+    v_odd = torch.randn(2, 4, 16, 19, generator=gen).transpose(-1, -2)  # innermost stride != 1
+    got = native.cross_attention(q, k, v_odd, "aligned")
+    want = native.cross_attention(q.contiguous(), k.contiguous(), v_odd.contiguous(), "aligned")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mask", ["aligned", "context"])
+def test_gradcheck_float64(mask):
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    kpm = torch.tensor([[False, True, True, False, True, True, True]])
+    assert torch.autograd.gradcheck(lambda a, b, c: native.cross_attention(a, b, c, mask, kpm),
+                                    (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- decode step
+
+def _decode_case(b, h, d, d_a, s, dtype, context, kpm_kind, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d_b = h * d
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    h_b = r(b, 1, d_b)
+    h_a = None if context else r(b, 1, d_a)
+    w_q, w_o = r(d_b, d_b, scale=d_b ** -0.5), r(d_b, d_b, scale=d_b ** -0.5)
+    w_kv, b_kv = r(2 * d_b, d_a, scale=d_a ** -0.5), r(2 * d_b)
+    k_cache, v_cache = r(b, h, s, d), r(b, h, s, d)
+    kpm = make_kpm(b, s, kpm_kind, gen)
+    return h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, kpm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context", [False, True], ids=["aligned", "context"])
+@pytest.mark.parametrize("kpm_kind", ["none", "random", "empty_row"])
+@pytest.mark.parametrize("b,h,d,d_a,s,pos", [(1, 1, 1, 1, 1, 0), (1, 4, 16, 40, 50, 17),
+                                             (3, 3, 5, 13, 7, 6), (2, 2, 64, 97, 130, 0),
+                                             (1, 8, 32, 64, 300, 257)])
+def test_decode_step_matches_reference(b, h, d, d_a, s, pos, kpm_kind, context, dtype):
+    args = _decode_case(b, h, d, d_a, s, dtype, context, kpm_kind)
+    h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, kpm = args
+    if context and pos == 0:  # no cache row to attend (the reference needs at least one)
+        out = native.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, h, kpm)
+        assert torch.equal(out, h_b)
+        return
+    up = [None if t is None else t.double() for t in args]
+    k_ref, v_ref = up[6].clone(), up[7].clone()
+    want = ref.bridge_decode_step(up[0], up[1], up[2], up[3], up[4], up[5], k_ref, v_ref, pos, h, kpm)
+    k_before = k_cache.clone()
+    out = native.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, h, kpm)
+    assert out.dtype == dtype and out.shape == h_b.shape
+    assert rel(out, want) <= TOL[dtype]
+    assert rel(k_cache, k_ref) <= TOL[dtype] and rel(v_cache, v_ref) <= TOL[dtype]
+    changed = (k_cache != k_before).any(dim=-1)  # (B, H, S): only row pos may change
+    if context:
+        assert not changed.any()
+    else:
+        others = torch.ones(s, dtype=torch.bool)
+        others[pos] = False
+        assert not changed[:, :, others].any()
+
+
+def test_decode_context_mode_with_no_rows_returns_h_b():
+    args = _decode_case(2, 2, 8, 8, 4, torch.float32, True, "none")
+    h_b, _, w_q, w_kv, b_kv, w_o, k_cache, v_cache, _ = args
+    out = native.bridge_decode_step(h_b, None, w_q, w_kv, b_kv, w_o, k_cache, v_cache, 0, 2)
+    assert torch.equal(out, h_b)
+
+
+def test_cached_decoding_equals_full_attention():
+    # Appending rows one step at a time gives the aligned attention over the whole sequence.
+    gen = torch.Generator().manual_seed(8)
+    b, h, d, d_a, t = 2, 2, 8, 12, 9
+    d_b = h * d
+    w_q, w_o = torch.randn(d_b, d_b, generator=gen) * 0.2, torch.randn(d_b, d_b, generator=gen) * 0.2
+    w_kv, b_kv = torch.randn(2 * d_b, d_a, generator=gen) * 0.2, torch.randn(2 * d_b, generator=gen)
+    h_b, h_a = torch.randn(b, t, d_b, generator=gen), torch.randn(b, t, d_a, generator=gen)
+    k_cache, v_cache = torch.zeros(b, h, t, d), torch.zeros(b, h, t, d)
+    steps = [native.bridge_decode_step(h_b[:, i:i + 1], h_a[:, i:i + 1], w_q, w_kv, b_kv, w_o,
+                                       k_cache, v_cache, i, h) for i in range(t)]
+    kv = torch.nn.functional.linear(h_a, w_kv, b_kv)
+    k, v = ref.split_heads(kv[..., :d_b], h), ref.split_heads(kv[..., d_b:], h)
+    q = ref.split_heads(torch.nn.functional.linear(h_b, w_q), h)
+    full = h_b + torch.nn.functional.linear(ref.merge_heads(ref.cross_attention(q, k, v, "aligned")), w_o)
+    assert rel(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+# ------------------------------------------------------------------ torch integration
+
+def test_opcheck_attention_and_decode():
+    q, k, v, kpm = _attention_case((2, 2, 5, 9, 8), "aligned", "random", torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for mask, m in (("aligned", kpm), ("context", None)):
+        torch.library.opcheck(native.native_attn_fwd, (q, k, v, m, mask))
+    out, lse = native.native_attn_fwd(q.detach(), k.detach(), v.detach(), kpm, "aligned")
+    torch.library.opcheck(native.native_attn_bwd,
+                          (q.detach(), k.detach(), v.detach(), kpm, "aligned", out, torch.randn_like(out), lse))
+    for context in (False, True):
+        args = list(_decode_case(2, 2, 8, 12, 10, torch.float32, context, "random"))
+        torch.library.opcheck(native.native_decode_step, (*args[:8], 4, 2, args[8]))
+
+
+def test_torch_compile_fullgraph_traces_the_ops():
+    torch._dynamo.reset()
+    q, k, v, kpm = _attention_case((1, 2, 7, 11, 8), "aligned", "random", torch.float32)
+    args = list(_decode_case(1, 2, 8, 12, 10, torch.float32, False, "none"))
+
+    def fn(q, k, v, kpm, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache):
+        att = native.cross_attention(q, k, v, "aligned", kpm)
+        step = native.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, 3, 2)
+        return att.square().sum(), step
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    qg = q.clone().requires_grad_()
+    caches_c = [args[6].clone(), args[7].clone()]
+    loss, step = compiled(qg, k, v, kpm, *args[:6], *caches_c)
+    loss.backward()
+    qe = q.clone().requires_grad_()
+    caches_e = [args[6].clone(), args[7].clone()]
+    loss_e, step_e = fn(qe, k, v, kpm, *args[:6], *caches_e)
+    loss_e.backward()
+    assert torch.allclose(loss, loss_e) and torch.equal(step, step_e)
+    assert torch.equal(qg.grad, qe.grad)
+    assert torch.equal(caches_c[0], caches_e[0]) and torch.equal(caches_c[1], caches_e[1])
+
+
+def test_supports_and_dispatch():
+    assert native.supports(CPU, torch.float32) and native.supports(CPU, torch.bfloat16)
+    assert not native.supports(CPU, torch.float16)
+    from calm_fast import ops
+    assert "cpp" in ops.available_backends(CPU)
+    q, k, v, _ = _attention_case((1, 2, 5, 5, 8), "aligned", "none", torch.float32)
+    assert torch.equal(ops.cross_attention(q, k, v, backend="cpp"), native.cross_attention(q, k, v))
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+def test_bad_attention_inputs_raise_clear_errors():
+    q, k, v, _ = _attention_case((1, 2, 5, 6, 8), "aligned", "none", torch.float32)
+    with pytest.raises(TypeError, match="float16"):
+        native.cross_attention(q.half(), k.half(), v.half())
+    with pytest.raises(TypeError, match="k has dtype torch.float64"):
+        native.cross_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        native.cross_attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"k \(1, 2, 6, 4\)"):
+        native.cross_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        native.cross_attention(k, q, q)
+    with pytest.raises(ValueError, match="mask must be one of"):
+        native.cross_attention(q, k, v, "causal")
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        native.cross_attention(q, k, v, "aligned", torch.ones(1, 6))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(1, 6\)"):
+        native.cross_attention(q, k, v, "aligned", torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_bad_decode_inputs_raise_clear_errors():
+    args = list(_decode_case(1, 2, 8, 12, 10, torch.float32, False, "none"))
+    call = native.bridge_decode_step
+    with pytest.raises(ValueError, match="pos=10 is outside"):
+        call(*args[:8], 10, 2)
+    with pytest.raises(ValueError, match="pos=-1"):
+        call(*args[:8], -1, 2)
+    with pytest.raises(ValueError, match="n_heads must be a positive int"):
+        call(*args[:8], 0, 0)
+    with pytest.raises(ValueError, match="not a multiple of n_heads=3"):
+        call(*args[:8], 0, 3)
+    with pytest.raises(ValueError, match="w_kv must have shape"):
+        call(args[0], args[1], args[2], args[3][:, :5], *args[4:8], 0, 2)
+    with pytest.raises(TypeError, match="v_cache has dtype torch.bfloat16"):
+        call(*args[:7], args[7].bfloat16(), 0, 2)
+    strided = torch.zeros(1, 2, 8, 10).transpose(-1, -2)
+    with pytest.raises(ValueError, match="k_cache is written in place"):
+        call(*args[:6], strided, args[7], 0, 2)
+
+
+def _so_path() -> str:
+    return native._C.__file__
+
+
+def _desc_struct():
+    class CfTensor(ctypes.Structure):
+        _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("ndim", ctypes.c_int32),
+                    ("shape", ctypes.c_int64 * 4), ("stride", ctypes.c_int64 * 4)]
+    return CfTensor
+
+
+def test_c_api_rejects_null_negative_and_overflowing_sizes():
+    lib = ctypes.CDLL(_so_path())
+    lib.cf_last_error.restype = ctypes.c_char_p
+    T = _desc_struct()
+    buf = torch.zeros(64)
+
+    def t(shape, ptr=buf.data_ptr(), dtype=0):
+        strides, s = [0] * len(shape), 1
+        for i in reversed(range(len(shape))):
+            strides[i] = s
+            s = s * max(shape[i], 1) if s * max(shape[i], 1) < 2 ** 62 else s
+        return T(ptr, dtype, len(shape), (ctypes.c_int64 * 4)(*shape, *[0] * (4 - len(shape))),
+                 (ctypes.c_int64 * 4)(*strides, *[0] * (4 - len(shape))))
+
+    def fwd(q, k, v, out, lse):
+        ptrs = [None if x is None else ctypes.byref(x) for x in (q, k, v)]
+        return lib.cf_attn_fwd_cpu(*ptrs, None, 0, ctypes.byref(out), ctypes.byref(lse))
+
+    ok = t([1, 1, 2, 4])
+    assert fwd(ok, ok, ok, t([1, 1, 2, 4]), t([1, 1, 2])) == 0
+    assert fwd(None, ok, ok, ok, t([1, 1, 2])) == 1
+    assert b"q: tensor descriptor is NULL" in lib.cf_last_error()
+    assert fwd(ok, t([1, 1, 2, 4], ptr=0), ok, ok, t([1, 1, 2])) == 1
+    assert b"k: data pointer is NULL" in lib.cf_last_error()
+    assert fwd(t([1, -1, 2, 4]), ok, ok, ok, t([1, 1, 2])) == 2
+    assert b"negative size" in lib.cf_last_error()
+    huge = t([2 ** 40, 2 ** 40, 2, 4])
+    assert fwd(huge, ok, ok, ok, t([1, 1, 2])) == 4
+    assert b"overflows int64" in lib.cf_last_error()
+    neg_stride = t([1, 1, 2, 4])
+    neg_stride.stride[2] = -4
+    assert fwd(neg_stride, ok, ok, ok, t([1, 1, 2])) == 2
+    assert fwd(t([1, 1, 2, 4], dtype=3), ok, ok, ok, t([1, 1, 2])) == 3
+    assert b"float16" in lib.cf_last_error()
+    assert lib.cf_decode_step_cpu(None, None, None, None, None, None, None, None, None,
+                                  ctypes.c_int64(0), ctypes.c_int64(1), None) == 1
+
+
+def test_bindings_raise_python_exceptions():
+    C = native._C
+    good = (torch.zeros(1).data_ptr(), C.F32, (1, 1, 1, 1), (1, 1, 1, 1))
+    lse = (torch.zeros(1).data_ptr(), C.F32, (1, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match="data pointer is NULL"):
+        C.attn_fwd((0, C.F32, (1, 1, 1, 1), (1, 1, 1, 1)), good, good, None, 0, good, lse)
+    with pytest.raises(ValueError, match="does not fit in int64"):
+        C.attn_fwd((1, C.F32, (2 ** 70, 1, 1, 1), (1, 1, 1, 1)), good, good, None, 0, good, lse)
+    with pytest.raises(ValueError, match="mask: expected 0"):
+        C.attn_fwd(good, good, good, None, 7, good, lse)
+    with pytest.raises(TypeError, match="expected"):
+        C.attn_fwd("q", good, good, None, 0, good, lse)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_every_instruction_set_copy(isa):
+    # The kernels are compiled once per ISA and picked at run time: check the narrower copies.
+    C = native._C
+    widest = C.cpu_isa()
+    try:
+        assert C.set_cpu_isa(isa) in (isa, "default")
+        g = torch.Generator().manual_seed(0)
+        for dt in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(2, 3, 45, 40, generator=g).to(dt).requires_grad_() for _ in range(3))
+            kpm = torch.rand(2, 45, generator=g) > 0.2
+            out = native.cross_attention(q, k, v, "aligned", kpm)
+            out.sum().backward()
+            qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+            want = ref.cross_attention(qr, kr, vr, "aligned", kpm)
+            want.sum().backward()
+            for got, exp in ((out, want), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+                assert rel(got, exp) <= 2 * TOL[dt]
+            args = _decode_case(2, 4, 16, 24, 33, dt, False, "random")
+            up = [None if t is None else t.double() for t in args]
+            want = ref.bridge_decode_step(*up[:6], up[6].clone(), up[7].clone(), 20, 4, args[8])
+            assert rel(native.bridge_decode_step(*args[:8], 20, 4, args[8]), want) <= TOL[dt]
+    finally:
+        C.set_cpu_isa(widest)
