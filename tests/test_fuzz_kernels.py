@@ -196,7 +196,7 @@ def _allowed(tq, tk, mask, kpm, b):
     return a.expand(b, -1, tq, tk)
 
 
-def _compare(out, ref, dtype, what, hull=None):
+def _compare(out, ref, dtype, what, hull=None, atol=0.0):
     """The oracle of the module docstring, on (..., d) outputs, row by row."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
@@ -218,7 +218,7 @@ def _compare(out, ref, dtype, what, hull=None):
         num = (o[rows_ok] - r[rows_ok]).norm()
         den = r[rows_ok].norm()
         tol = TOL[dtype]
-        assert num <= tol * den or num == 0, \
+        assert num <= tol * den + atol or num == 0, \
             f"{what}: relative error {float(num / max(den, 1e-300)):.3g} > {tol}"
 
 
@@ -278,8 +278,12 @@ def test_cross_attention_gradients_match_reference(backend, c):
                                       c["mask"], _kpm_for(be, kpm), be)
         out.backward(dout)
         grads.append([t.grad for t in leaves])
+    # The reference runs in fp32. A gradient can be exactly 0 in theory (one visible key:
+    # dq = 0) and a rounding residue in practice, so an absolute slack on the scale of
+    # |dout| * |q, k, v| comes on top of the relative tolerance.
+    scale = float(dout.double().norm() * max(float(t.double().norm()) for t in (q, k, v)))
     for name, r, o in zip("qkv", *grads):
-        _compare(o, r, torch.float32, f"{backend} d{name} {c}")  # the reference runs in fp32
+        _compare(o, r, torch.float32, f"{backend} d{name} {c}", atol=1e-5 * scale)
     _count(f"attention_backward/{backend}/cases")
 
 
