@@ -115,7 +115,10 @@ def test_ddp_two_processes_match_one_process_over_10_steps(bases, reference, tmp
     ref_state = checkpoint.load_tensors(ref_dir / "checkpoint" / "state.safetensors")
     for n, t in mine.items():
         r = ref_state[f"param.bridges.{n}"]
-        assert torch.allclose(t, r, rtol=1e-4, atol=1e-6), n
+        # ‖Δ‖/‖ref‖ (the DESIGN's parity measure). Looser than the losses: AdamW's update is
+        # sign-like for gradient components near rounding level, where summation order shows.
+        rel = float((t - r).norm() / r.norm())
+        assert rel < 1e-4, (n, rel)
     meta = checkpoint.load_json(tmp_path / "run" / "checkpoint" / "state.json")
     assert meta["step"] == 10 and meta["world_size"] == 2
 
