@@ -303,13 +303,13 @@ _NP_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16
 
 def _example(spec, sizes, vocab, dtype):
     shape = [sizes.get(s, s) if isinstance(s, str) else s for s in spec["shape"]]
+    if spec["dtype"] != "int64":
+        return torch.randn(shape, dtype=dtype) * 0.1
     if spec["role"] in ("input_ids", "context_ids"):
         return torch.randint(0, vocab, shape)
-    if spec["role"] in ("attention_mask", "context_mask"):
-        m = torch.ones(shape, dtype=torch.long)
-        m[0, 0] = 0  # a padded example so no mask branch is traced away
-        return m
-    return torch.randn(shape, dtype=dtype) * 0.1
+    m = torch.ones(shape, dtype=torch.long)  # masks
+    m[0, 0] = 0  # a padded example so no mask branch is traced away
+    return m
 
 
 def _dynamic(specs):

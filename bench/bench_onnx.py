@@ -1,0 +1,196 @@
+"""ONNX Runtime vs PyTorch eager vs torch.compile: tokens/s of the composed model, one run.
+
+    PYTHONPATH=. python bench/bench_onnx.py [--device cpu|cuda] [--batches 1 8] [--repeats 5]
+
+Every engine generates greedily from the same prompts with all caches; decode tokens/s =
+batch * (new tokens - 1) / time from the first to the last new token (prefill excluded),
+e2e tokens/s = batch * new tokens / total time. Medians over --repeats after one warm-up.
+Engines:
+  eager     calm_fast.generate (CALMSession: static caches, the fastest `auto` ops backend)
+  compiled  torch.compile(dynamic=True) of the exported step module (functional concat caches),
+            driven by the same greedy loop
+  ort       export/ort_generate.py on CPUExecutionProvider (--device cpu) or
+            CUDAExecutionProvider (--device cuda; recorded as missing when this onnxruntime
+            has no CUDA EP)
+JSON goes to bench/results/onnx_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "export"))
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+from ort_generate import OrtGenerator  # noqa: E402
+
+import importlib  # noqa: E402
+
+import calm_fast as cf  # noqa: E402
+
+# The module, not the function that calm_fast re-exports under the same name.
+eo = importlib.import_module("calm_fast.export_onnx")
+from calm_fast.generate import left_pad  # noqa: E402
+
+
+def build_model(args) -> cf.CALM:
+    torch.manual_seed(0)
+    anchor = cf.Decoder(cf.DecoderConfig(arch="llama", vocab_size=args.vocab, dim=args.anchor_dim,
+                                         n_layers=args.anchor_layers, n_heads=args.anchor_dim // 64,
+                                         n_kv_heads=max(1, args.anchor_dim // 128), max_seq_len=512))
+    augment = cf.Decoder(cf.DecoderConfig(arch="llama", vocab_size=args.vocab, dim=args.augment_dim,
+                                          n_layers=args.augment_layers, n_heads=args.augment_dim // 64,
+                                          max_seq_len=512))
+    calm = cf.CALM(anchor, [augment], mode="aligned")
+    for p in calm.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.02)  # non-zero W_o: the bridges really contribute
+    return calm.eval()
+
+
+def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    # Different lengths per row: the padded path is the one deployments run.
+    return [torch.randint(1, vocab, (length - (i % 4),), generator=g).tolist() for i in range(batch)]
+
+
+def timed_stream(it, sync=lambda: None):
+    """Consume a token stream; returns (seconds to first token, seconds from first to last, ids)."""
+    t0 = time.perf_counter()
+    first = last = None
+    out = []
+    for nxt in it:
+        sync()
+        last = time.perf_counter()
+        first = first or last
+        out.append(nxt)
+    return first - t0, last - first, out
+
+
+def eager_stream(calm, prompts, n, device):
+    ids, mask = left_pad(prompts, device=device)
+    return cf.stream(calm, ids, max_new_tokens=n, attention_mask=mask)
+
+
+@torch.no_grad()
+def compiled_stream(step, specs, prompts, n, device, dtype):
+    """Greedy loop over the functional step module (what the ONNX graph computes)."""
+    ids, mask = left_pad(prompts, device=device)
+    mask = mask.long()
+    b = ids.shape[0]
+    past = [torch.zeros([b if d == "batch" else 0 if d == "past" else d for d in s["shape"]],
+                        dtype=dtype, device=device) for s in specs if s["role"] == "past"]
+    out = step(ids, mask, *past)
+    for i in range(n):
+        nxt = out[0][:, -1].argmax(-1)
+        yield nxt
+        if i == n - 1:
+            return
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        out = step(nxt[:, None], mask, *out[1:])
+
+
+def measure(name, make_stream, repeats, batch, n, sync):
+    timed_stream(make_stream(), sync)  # warm-up (and compilation)
+    ttft, decode, ids = [], [], None
+    for _ in range(repeats):
+        a, d, toks = timed_stream(make_stream(), sync)
+        ttft.append(a)
+        decode.append(d)
+        ids = toks
+    med_decode, med_ttft = statistics.median(decode), statistics.median(ttft)
+    return {"engine": name, "batch": batch, "new_tokens": n,
+            "decode_tokens_per_s": batch * (n - 1) / med_decode,
+            "e2e_tokens_per_s": batch * n / (med_ttft + med_decode),
+            "prefill_s": med_ttft, "decode_s": med_decode, "repeats": repeats,
+            "_ids": [[int(x) for x in t.tolist()] for t in ids]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--anchor-dim", type=int, default=512)
+    p.add_argument("--anchor-layers", type=int, default=8)
+    p.add_argument("--augment-dim", type=int, default=256)
+    p.add_argument("--augment-layers", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads")
+    p.add_argument("--attention", choices=eo.ATTENTION_IMPLS, default="standard")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    calm = build_model(args)
+    results, notes = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        eo.export_onnx(calm, tmp, attention=args.attention)
+        gen = None
+        provider = "cuda" if args.device == "cuda" else "cpu"
+        try:
+            gen = OrtGenerator(tmp, provider, threads=args.threads)
+        except ValueError as e:
+            notes.append(f"ort {provider}: {e}")
+            print(f"ort {provider} skipped: {e}", file=sys.stderr)
+        calm.to(device)
+        specs = eo._io_spec(calm.anchor, calm, "float32")[0]
+        step = eo._Step(calm.anchor, calm, args.attention, torch.float32).to(device).eval()
+        compiled = None if args.no_compile else torch.compile(step, dynamic=True)
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+        for batch in args.batches:
+            prompts = prompts_for(batch, args.prompt_len, args.vocab)
+            n = args.new_tokens
+            engines = [("eager", lambda: eager_stream(calm, prompts, n, device))]
+            if compiled is not None:
+                engines.append(("compiled", lambda: compiled_stream(compiled, specs, prompts, n, device,
+                                                                   torch.float32)))
+            if gen is not None:
+                engines.append((f"ort_{provider}", lambda: gen.stream(prompts, n)))
+            row = {}
+            for name, make in engines:
+                r = measure(name, make, args.repeats, batch, n, sync)
+                row[name] = r
+                print(f"batch {batch:2d} {name:10s} decode {r['decode_tokens_per_s']:9.1f} tok/s   "
+                      f"e2e {r['e2e_tokens_per_s']:9.1f} tok/s", flush=True)
+            ref = row["eager"]["_ids"]
+            for name, r in row.items():
+                r["same_tokens_as_eager"] = r.pop("_ids") == ref
+                results.append(r)
+            ort_row = row.get(f"ort_{provider}")
+            if ort_row:
+                for base in ("eager", "compiled"):
+                    if base in row:
+                        ort_row[f"speedup_vs_{base}"] = (ort_row["decode_tokens_per_s"]
+                                                         / row[base]["decode_tokens_per_s"])
+    report = {
+        "bench": "onnx", "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "onnxruntime": ort.__version__,
+        "ort_providers": ort.get_available_providers(), "threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "ops_backends": cf.ops.available_backends(device), "results": results, "notes": notes,
+    }
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"onnx_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
