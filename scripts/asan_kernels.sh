@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build calm_fast._C with AddressSanitizer + UBSan (CMake option CALM_FAST_SANITIZE) into a
+# separate tree and run the kernel tests against it. Usage (from the repository root):
+#   scripts/asan_kernels.sh [build_dir] [pytest args...]
+# Exit status: pytest's (non-zero on any sanitizer report: halt_on_error / -fno-sanitize-recover).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BUILD="${1:-/tmp/calm_fast_asan}"; shift || true
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+cmake -S "$ROOT" -B "$BUILD" -DCALM_FAST_SANITIZE=ON -DCALM_FAST_CUDA=OFF \
+      -DCALM_FAST_ISA_DISPATCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
+cmake --build "$BUILD" -j"${JOBS:-2}" --target _C
+SO="$(find "$BUILD" -name '_C*.so' | head -1)"
+# A package overlay: calm_fast's Python files from the tree, _C from the ASan build.
+PKG="$BUILD/overlay/calm_fast"
+rm -rf "$BUILD/overlay"; mkdir -p "$PKG"
+cp -r "$ROOT"/calm_fast/* "$PKG"/; rm -f "$PKG"/_C*.so; cp "$SO" "$PKG"/
+# Python itself is not instrumented: preload the ASan runtime, skip leak checks (CPython
+# keeps allocations alive at exit), stop at the first error.
+LIBASAN="$(${CXX:-g++} -print-file-name=libasan.so)"
+LIBUBSAN="$(${CXX:-g++} -print-file-name=libubsan.so)"
+export LD_PRELOAD="$LIBASAN:$LIBUBSAN"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export PYTHONPATH="$BUILD/overlay:$ROOT"
+cd "$ROOT"
+"$PY" -c "import calm_fast._C as C, sys; assert C.__file__.startswith('$BUILD'), C.__file__; print('ASan _C:', C.__file__)"
+exec "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz_kernels.py tests/test_ops_reference.py "$@"
