@@ -375,3 +375,50 @@ def test_every_instruction_set_copy(isa):
             assert rel(native.bridge_decode_step(*args[:8], 20, 4, args[8]), want) <= TOL[dt]
     finally:
         C.set_cpu_isa(widest)
+
+
+# ------------------------------------------------------------- non-finite and odd layouts
+
+def test_strided_key_padding_mask_and_weights():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(1, 2, 3, 4, generator=gen), torch.randn(1, 2, 5, 4, generator=gen), \
+        torch.randn(1, 2, 5, 4, generator=gen)
+    kpm = torch.tensor([[True, False, True, True, True, True, False, True, True, False]])[:, ::2]
+    assert kpm.stride(-1) == 2
+    assert rel(native.cross_attention(q, k, v, "context", kpm), ref.cross_attention(q, k, v, "context", kpm)) <= 1e-5
+    # Column-major weights are copied densely; the copies must outlive the kernel call.
+    d_b, d_a, h = 8, 6, 2
+    h_b, h_a = torch.randn(1, 1, d_b, generator=gen), torch.randn(1, 1, d_a, generator=gen)
+    w_q, w_o = (torch.randn(d_b, d_b, generator=gen).t() for _ in range(2))
+    w_kv, b_kv = torch.randn(d_a, 2 * d_b, generator=gen).t(), torch.randn(2 * d_b, generator=gen)
+    kc, vc = torch.randn(1, h, 4, d_b // h, generator=gen), torch.randn(1, h, 4, d_b // h, generator=gen)
+    want = ref.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc.clone(), vc.clone(), 2, h)
+    for _ in range(3):
+        got = native.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc.clone(), vc.clone(), 2, h)
+        assert rel(got, want) <= 1e-5
+
+
+def test_non_finite_values_in_masked_keys_do_not_leak():
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = torch.randn(1, 1, 3, 4, generator=gen), torch.randn(1, 1, 5, 4, generator=gen), \
+        torch.randn(1, 1, 5, 4, generator=gen)
+    k[0, 0, 4, 1] = float("nan")
+    v[0, 0, 4, 0] = float("inf")  # the last key: padded, and in the future of rows 0 and 1
+    kpm = torch.tensor([[True, True, True, True, False]])
+    q.requires_grad_()
+    out = native.cross_attention(q, k, v, "context", kpm)
+    out.sum().backward()
+    assert out.isfinite().all() and q.grad.isfinite().all()
+    assert native.cross_attention(q, k, v, "aligned")[:, :, :2].isfinite().all()
+
+
+def test_nan_scores_give_nan_rows():
+    q = torch.tensor([[[[float("nan")], [1.0]]]])
+    k = torch.tensor([0.5, 1.0]).view(1, 1, 2, 1)
+    v = torch.tensor([2.0, 3.0]).view(1, 1, 2, 1)
+    out = native.cross_attention(q, k, v, "context")
+    assert out[0, 0, 0].isnan().all() and out[0, 0, 1].isfinite().all()
+    h_b = torch.ones(1, 1, 2)
+    kc = torch.tensor([[[[float("nan"), 0.0], [1.0, 1.0]]]])  # (1, 1, 2, 2): row 0 has NaN
+    step = native.bridge_decode_step(h_b, None, torch.eye(2), None, None, torch.eye(2), kc, kc.clone(), 2, 1)
+    assert step.isnan().all()

@@ -64,9 +64,12 @@ def _desc(t: torch.Tensor | None):
     return (t.data_ptr(), _CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
 
 
-def _unit_inner(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any outer strides but need the innermost one to be 1."""
-    return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+def _unit_inner(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels take any outer strides but need the innermost one to be 1. A copy made
+    here must stay referenced until the kernel has read it (pointers do not own memory)."""
+    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
 
 
 def _check_backend(device: torch.device, dtype: torch.dtype, what: str) -> None:
@@ -184,7 +187,7 @@ def _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads
 @torch.library.custom_op("calm_fast::native_attn_fwd", mutates_args=(), device_types="cpu")
 def native_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: torch.Tensor | None, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = _unit_inner(q), _unit_inner(k), _unit_inner(v)
+    q, k, v, key_padding_mask = _unit_inner(q), _unit_inner(k), _unit_inner(v), _unit_inner(key_padding_mask)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     _C.set_num_threads(torch.get_num_threads())
@@ -194,7 +197,7 @@ def native_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @native_attn_fwd.register_kernel("cuda")
 def _attn_fwd_cuda(q, k, v, key_padding_mask, mask):
-    q, k, v = _unit_inner(q), _unit_inner(k), _unit_inner(v)
+    q, k, v, key_padding_mask = _unit_inner(q), _unit_inner(k), _unit_inner(v), _unit_inner(key_padding_mask)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     with torch.cuda.device(q.device):
@@ -219,7 +222,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def native_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: torch.Tensor | None, mask: str, out: torch.Tensor,
                     dout: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, out, dout = (_unit_inner(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout, key_padding_mask = (_unit_inner(t) for t in (q, k, v, out, dout, key_padding_mask))
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     _C.set_num_threads(torch.get_num_threads())
     _C.attn_bwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask], _desc(out),
@@ -282,21 +285,22 @@ def native_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
                        w_kv: torch.Tensor | None, b_kv: torch.Tensor | None, w_o: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    args, out = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
+    args, out, keep = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
     _C.set_num_threads(torch.get_num_threads())
-    _C.decode_step(*args[:8], args[8], pos, n_heads, _desc(out))
+    _C.decode_step(*args, pos, n_heads, _desc(out))
+    del keep
     return out
 
 
 @native_decode_step.register_kernel("cuda")
 def _decode_step_cuda(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
-    args, out = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
+    args, out, keep = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
     nbytes = _C_cuda.decode_workspace_bytes(h_b.shape[0], h_b.shape[2], n_heads, k_cache.shape[2])
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=h_b.device)
     with torch.cuda.device(h_b.device):
         stream = torch.cuda.current_stream(h_b.device).cuda_stream
-        _C_cuda.decode_step(*args[:8], args[8], pos, n_heads, _desc(out), workspace.data_ptr(),
-                            nbytes, stream)
+        _C_cuda.decode_step(*args, pos, n_heads, _desc(out), workspace.data_ptr(), nbytes, stream)
+    del keep  # the caching allocator orders any reuse after the kernel on this stream
     return out
 
 
@@ -306,11 +310,14 @@ def _(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_paddin
 
 
 def _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask):
-    ins = [_unit_inner(t) if t is not None else None for t in (h_b, h_a, w_q, w_kv, b_kv, w_o)]
+    """Descriptors for _C/_C_cuda.decode_step, plus the tensors behind them: the caller keeps
+    `keep` alive until the kernel has run (a dense copy made here must outlive its pointer)."""
+    keep = [None if t is None else _unit_inner(t)
+            for t in (h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)]
     if h_a is None:  # context mode: the projection weights are not read
-        ins[3] = ins[4] = None
+        keep[3] = keep[4] = None
     out = h_b.new_empty(h_b.shape)
-    return [_desc(t) for t in ins] + [_desc(k_cache), _desc(v_cache), _desc(key_padding_mask)], out
+    return [_desc(t) for t in keep], out, keep
 
 
 # ------------------------------------------------------------------- backend surface

@@ -30,7 +30,6 @@ template <typename T, typename A>
 struct KeyTile {
   Buf<A> kt, kr, vt, vr;
   A valid[kBK];  // 1 where the key exists and is not padding
-  A bias[kBK];   // 0 where valid, -inf elsewhere (added to scores)
   int n = 0;
   explicit KeyTile(int64_t D) : kt(D * kBK), kr(kBK * D), vt(D * kBK), vr(kBK * D) {}
   bool ok() const { return kt.ok() && kr.ok() && vt.ok() && vr.ok(); }
@@ -40,19 +39,20 @@ struct KeyTile {
     n = int(imin(kBK, p.Tk - j0));
     for (int jj = 0; jj < kBK; ++jj) {
       if (jj < n) {
+        valid[jj] = (p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j0 + jj) * p.skpm[1]]) ? A(1) : A(0);
+      } else {
+        valid[jj] = A(0);
+      }
+      if (valid[jj] != A(0)) {
         const T* kp = row_ptr<T>(p.k, p.sk, b, h, j0 + jj);
         const T* vp = row_ptr<T>(p.v, p.sv, b, h, j0 + jj);
         A* krow = &kr[jj * D];
         A* vrow = &vr[jj * D];
         for (int64_t d = 0; d < D; ++d) krow[d] = to_acc(kp[d]);
         for (int64_t d = 0; d < D; ++d) vrow[d] = to_acc(vp[d]);
-        valid[jj] = (p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j0 + jj) * p.skpm[1]]) ? A(1) : A(0);
-        bias[jj] = valid[jj] != A(0) ? A(0) : neg_inf<A>();
-      } else {
+      } else {  // padding (or past Tk): zeros, so inf/NaN there cannot leak through 0 * inf
         for (int64_t d = 0; d < D; ++d) kr[jj * D + d] = A(0);
         for (int64_t d = 0; d < D; ++d) vr[jj * D + d] = A(0);
-        valid[jj] = A(0);
-        bias[jj] = neg_inf<A>();
       }
       for (int64_t d = 0; d < D; ++d) kt[d * kBK + jj] = kr[jj * D + d];
       if (need_vt)
@@ -142,9 +142,19 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
           const int64_t lim = last_key(p, i0 + r) - j0;  // last visible jj in this tile
           if (lim < 0) continue;
           tile_dots(&qf[r * D], tile.kt.data(), D, s);
-          // Branch-free so it vectorises: bias is 0 for a usable key, -inf otherwise.
-#pragma omp simd
-          for (int jj = 0; jj < kBK; ++jj) s[jj] = jj <= lim ? s[jj] + tile.bias[jj] : neg_inf<A>();
+          // Branch-free selects so the loops vectorise. A NaN score poisons the row (as in
+          // the reference: softmax over a NaN is NaN); masked keys never reach the sums.
+          int bad = 0;
+#pragma omp simd reduction(| : bad)
+          for (int jj = 0; jj < kBK; ++jj) {
+            s[jj] = ((tile.valid[jj] != A(0)) & (jj <= lim)) ? s[jj] : neg_inf<A>();
+            bad |= s[jj] != s[jj];
+          }
+          if (bad) {
+            m[r] = l[r] = std::numeric_limits<A>::quiet_NaN();
+            continue;
+          }
+          if (m[r] != m[r]) continue;  // already poisoned
           A mx = m[r];
 #pragma omp simd reduction(max : mx)
           for (int jj = 0; jj < kBK; ++jj) mx = mx > s[jj] ? mx : s[jj];
@@ -161,15 +171,17 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
           A* y = &acc[r * D];
           if (alpha != A(1))
             for (int64_t d = 0; d < D; ++d) y[d] *= alpha;
-          tile_axpy(s, tile.vr.data(), tile.n, D, y);
+          tile_axpy(s, tile.vr.data(), int(imin(tile.n, lim + 1)), D, y);  // keys past lim: p = 0
         }
       }
       for (int r = 0; r < nq; ++r) {
         T* op = row_ptr_mut<T>(p.out, p.so, b, h, i0 + r);
-        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);
+        // l > 0: normal row; l == 0: saw nothing (0, lse -inf); l NaN: poisoned (NaN).
+        const A nan = std::numeric_limits<A>::quiet_NaN();
+        const A inv = l[r] > A(0) ? A(1) / l[r] : (l[r] == A(0) ? A(0) : nan);
         for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(acc[r * D + d] * inv);
         A* lp = row_ptr_mut<A>(p.lse, p.sl, b, h, i0 + r);
-        *lp = l[r] > A(0) ? m[r] + std::log(l[r]) : neg_inf<A>();
+        *lp = l[r] > A(0) ? m[r] + std::log(l[r]) : (l[r] == A(0) ? neg_inf<A>() : nan);
       }
     }
   }
@@ -290,7 +302,7 @@ bool attn_bwd_impl(const AttnParams& p, int nthreads) {
             const A pj = ok ? exp_neg(s[jj] - lse[r]) : A(0);
             dp[jj] = pj * (dp[jj] - di);
           }
-          tile_axpy(dp, tile.kr.data(), tile.n, D, &dq[r * D]);
+          tile_axpy(dp, tile.kr.data(), int(imin(tile.n, lim + 1)), D, &dq[r * D]);
         }
       }
       for (int r = 0; r < nq; ++r) {
