@@ -498,15 +498,16 @@ def _cfg(bm, bn, warps, stages):
 
 # Candidates for 16-bit inputs on Hopper. fp32 uses IEEE dot products (FMA, no tensor cores):
 # large tiles spill and take minutes to compile, so fp32 gets its own small set.
+# Kept short on purpose: every candidate is one more compile the first time a shape is seen.
 _CONFIGS = {
     "_attn_fwd": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3),
-                  _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 4), _cfg(128, 64, 8, 4),
-                  _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+                  _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
     "_attn_bwd_dkdv": [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 2),
-                       _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2)],
+                       _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2)],
     "_attn_bwd_dq": [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2),
-                     _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+                     _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
 }
+# The last entry of each pool is the smallest: the fallback when nothing else fits (head dim 256).
 _FP32_CONFIGS = {"_attn_fwd": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
                  "_attn_bwd_dkdv": [_cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2)],
                  "_attn_bwd_dq": [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)]}
@@ -518,8 +519,9 @@ _INTERP_BLOCKS = {"_attn_fwd": (32, 16), "_attn_bwd_dkdv": (16, 32), "_attn_bwd_
 
 def _smem_ok(name: str, c: triton.Config, head_dim: int, elt: int) -> bool:
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    # fwd and dq keep a BLOCK_M tile resident and stream K/V tiles; dk/dv the other way round.
-    resident, streamed = ((2 * bn, 2 * bm) if name == "_attn_bwd_dkdv" else (2 * bm, 2 * bn))
+    # Resident tiles: fwd q; dq q and dO; dk/dv k and v. Streamed per stage: K/V or Q/dO tiles.
+    resident, streamed = {"_attn_fwd": (bm, 2 * bn), "_attn_bwd_dq": (2 * bm, 2 * bn),
+                          "_attn_bwd_dkdv": (2 * bn, 2 * bm)}[name]
     return (resident + c.num_stages * streamed) * head_dim * elt <= _SMEM_BYTES
 
 
@@ -538,6 +540,8 @@ def _pruner(name: str):
 def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
     """One sensible config without tuning (CALM_FAST_TRITON_AUTOTUNE=0, used by the tests)."""
     cands = _candidates(name, head_dim, elt)
+    if head_dim >= 256:   # accumulators of 256 columns: the smallest tile, or registers spill
+        return cands[-1]
     if elt == 4 or head_dim <= 64:
         return cands[0]
     if name == "_attn_fwd":   # 8 warps halve the per-thread accumulator at head dim >= 128
