@@ -10,11 +10,18 @@ ARCHS = ("llama", "gpt2")
 MODES = ("aligned", "context")
 
 
-def _positive_int(name: str, value) -> None:
+# Sizes beyond this are refused: kernels index rows with 32-bit ints in places, and a size
+# read from an untrusted config.json must not turn into an unbounded allocation.
+MAX_SIZE = 2**31 - 1
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{name}={value} is out of range (at most {MAX_SIZE})")
 
 
 def _positive_float(name: str, value) -> None:
@@ -22,6 +29,8 @@ def _positive_float(name: str, value) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    if value == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 class _JSONMixin:
@@ -87,6 +96,8 @@ class DecoderConfig(_JSONMixin):
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
             self.head_dim = self.dim // self.n_heads
         _positive_int("head_dim", self.head_dim)
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE (arch 'llama')")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         _positive_float("norm_eps", self.norm_eps)
@@ -117,7 +128,33 @@ class CompositionConfig(_JSONMixin):
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        self.mappings = [[tuple(int(x) for x in pair) for pair in m] for m in self.mappings]
-        self.augment_dims = [int(d) for d in self.augment_dims]
+        # anchor_dim / anchor_heads: 0 = not recorded (the defaults); else positive.
+        _positive_int("anchor_dim", self.anchor_dim, minimum=0)
+        _positive_int("anchor_heads", self.anchor_heads, minimum=0)
+        if self.anchor_dim and self.anchor_heads and self.anchor_dim % self.anchor_heads:
+            raise ValueError(f"anchor_dim={self.anchor_dim} is not divisible by anchor_heads={self.anchor_heads}")
+        if not isinstance(self.augment_dims, (list, tuple)):
+            raise TypeError(f"augment_dims must be a list of ints, got {self.augment_dims!r}")
+        for d in self.augment_dims:
+            _positive_int("augment_dims entry", d)
+        self.augment_dims = list(self.augment_dims)
+        if not isinstance(self.mappings, (list, tuple)):
+            raise TypeError(f"mappings must be a list of lists of (augment_layer, anchor_layer) pairs, "
+                            f"got {self.mappings!r}")
+        mappings = []
+        for m in self.mappings:
+            if not isinstance(m, (list, tuple)) or not m:
+                raise ValueError(f"each mapping must be a non-empty list of pairs, got {m!r}")
+            pairs = []
+            for pair in m:
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise ValueError(f"mapping entry {pair!r} is not an (augment_layer, anchor_layer) pair")
+                for x in pair:
+                    _positive_int("mapping layer index", x, minimum=0)
+                pairs.append(tuple(pair))
+            if len(set(pairs)) != len(pairs):
+                raise ValueError(f"mapping has duplicate pairs: {pairs}")
+            mappings.append(pairs)
+        self.mappings = mappings
         if len(self.mappings) != len(self.augment_dims):
             raise ValueError(f"{len(self.mappings)} mappings for {len(self.augment_dims)} augment models")
