@@ -107,3 +107,11 @@ def test_dispatch_lists_and_checks_backends():
         ops.cross_attention(q, q, q, key_padding_mask=torch.ones(1, 3))
     with pytest.raises(TypeError, match="dtypes differ"):
         ops.cross_attention(q, q.double(), q)
+
+
+def test_decode_step_over_an_empty_context_returns_h_b():
+    h_b = torch.randn(2, 1, 8)
+    cache = torch.zeros(2, 2, 0, 4)
+    w = torch.randn(8, 8)
+    out = reference.bridge_decode_step(h_b, None, w, torch.randn(16, 6), torch.randn(16), w, cache, cache, 0, 2)
+    assert torch.equal(out, h_b)

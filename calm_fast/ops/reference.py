@@ -39,6 +39,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v, computed in fp32, returned in q's dtype."""
     out_dtype = q.dtype
+    if k.shape[2] == 0:  # no key at all: every row is empty, so the output is zero
+        return q.new_zeros(q.shape[:-1] + v.shape[-1:])
     qf, kf, vf = q.float(), k.float(), v.float()
     scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
