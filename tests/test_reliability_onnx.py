@@ -1,0 +1,175 @@
+"""The ONNX side under bad input: export arguments, missing or corrupt export files, wrong
+input shapes and dtypes, an unavailable provider. Every case is a clear ValueError/TypeError
+(ExportDirError is a ValueError), never a crash of ONNX Runtime."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calm_fast import Decoder, DecoderConfig, export_onnx
+
+pytest.importorskip("onnxruntime")
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ort_generate():
+    spec = importlib.util.spec_from_file_location("calm_ort_generate", ROOT / "export" / "ort_generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+og = _ort_generate()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(model, out)
+    return model, out
+
+
+@pytest.fixture
+def export_copy(exported, tmp_path):
+    dst = tmp_path / "exp"
+    shutil.copytree(exported[1], dst)
+    return dst
+
+
+def test_good_export_generates(exported):
+    gen = og.OrtGenerator(exported[1])
+    assert len(gen.generate([[1, 2, 3]], max_new_tokens=3)[0]) == 6
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(opset=5), ValueError, "opset"), (dict(opset="18"), ValueError, "opset"),
+    (dict(attention="flash"), ValueError, "attention"), (dict(dtype=torch.int8), ValueError, "dtype"),
+    (dict(exporter="tf"), ValueError, "exporter"),
+])
+def test_export_rejects_bad_options(exported, tmp_path, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        export_onnx(exported[0], tmp_path / "x", **kw)
+
+
+def test_export_rejects_non_models(tmp_path):
+    for obj in (None, torch.nn.Linear(2, 2), "model"):
+        with pytest.raises(TypeError, match="CALM or a Decoder"):
+            export_onnx(obj, tmp_path / "x")
+
+
+def test_export_dir_that_is_a_file(exported, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises((FileExistsError, NotADirectoryError, ValueError)):
+        export_onnx(exported[0], f)
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / og.MANIFEST).read_text())
+
+
+def _edit_manifest(d: Path, **changes) -> None:
+    m = _manifest(d)
+    m.update(changes)
+    (d / og.MANIFEST).write_text(json.dumps(m))
+
+
+def test_broken_export_directories(export_copy, tmp_path):
+    cases = []
+    cases.append((tmp_path / "nowhere", "not a directory"))
+    model_file = _manifest(export_copy)["graphs"]["model"]["file"]
+
+    def case(name, prepare, match):
+        d = tmp_path / name
+        shutil.copytree(export_copy, d)
+        prepare(d)
+        cases.append((d, match))
+
+    case("no_manifest", lambda d: (d / og.MANIFEST).unlink(), "missing calm_onnx.json")
+    case("manifest_garbage", lambda d: (d / og.MANIFEST).write_text("{"), "not valid JSON")
+    case("manifest_list", lambda d: (d / og.MANIFEST).write_text("[]"), "format")
+    case("wrong_format", lambda d: _edit_manifest(d, format="other/9"), "format")
+    case("no_vocab", lambda d: (d / og.MANIFEST).write_text(json.dumps(
+        {k: v for k, v in _manifest(d).items() if k != "vocab_size"})), "vocab_size")
+    case("no_model_graph", lambda d: _edit_manifest(d, graphs={}), "no 'model' graph")
+    case("context_without_graph", lambda d: _edit_manifest(d, mode="context"), "context")
+    case("missing_onnx", lambda d: (d / model_file).unlink(), "missing")
+    case("empty_onnx", lambda d: (d / model_file).write_bytes(b""), "cannot load")
+    case("garbage_onnx", lambda d: (d / model_file).write_bytes(b"\x08\x07garbage" * 50), "cannot load")
+    data = (export_copy / model_file).read_bytes()
+    case("truncated_onnx", lambda d: (d / model_file).write_bytes(data[: len(data) // 2]), "")
+
+    def rename_input(d):
+        m = _manifest(d)
+        m["graphs"]["model"]["inputs"][0]["name"] = "renamed_ids"
+        (d / og.MANIFEST).write_text(json.dumps(m))
+    case("io_mismatch", rename_input, "do not match")
+    for d, match in cases:
+        with pytest.raises(ValueError, match=match):
+            og.OrtGenerator(d)
+
+
+@pytest.mark.parametrize("provider,match", [("cuda", "CUDAExecutionProvider"), ("tpu", "provider must be"),
+                                            ("", "provider must be")])
+def test_unavailable_provider(exported, provider, match):
+    import onnxruntime as ort
+    if provider == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider is available here")
+    with pytest.raises(ValueError, match=match):
+        og.OrtGenerator(exported[1], provider=provider)
+
+
+def test_wrong_inputs_at_runtime(exported):
+    gen = og.OrtGenerator(exported[1])
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    for bad, match in ((np.array([1, 2]), "2-D"), (np.zeros((1, 0), np.int64), "non-empty"),
+                       (np.array([[1.5]]), "integer"), (np.array([[40]]), "out of range"),
+                       (np.array([[-1]]), "out of range"), (np.zeros((1, 9), np.int64), "max_seq_len")):
+        with pytest.raises(ValueError, match=match):
+            gen.prefill(bad)
+    with pytest.raises(ValueError, match="attention_mask"):
+        gen.prefill(ids, np.ones((1, 4)))
+    logits, state = gen.prefill(ids)
+    with pytest.raises(ValueError, match="batch"):
+        gen.step(np.array([[1], [2]]), state)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        gen.step(np.zeros((1, 6), np.int64), state)
+    with pytest.raises(ValueError, match="context"):
+        gen.prefill(ids, context=ids)
+    # The low-level run(): feeds checked against the manifest before ONNX Runtime sees them.
+    _, st0 = gen.prefill(ids)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, 3), np.int64), **st0.past}
+    feeds = {k: np.asarray(v) for k, v in feeds.items()}
+    past_name = next(k for k in feeds if k not in ("input_ids", "attention_mask"))
+    bad_feeds = [
+        ({k: v for k, v in feeds.items() if k != "input_ids"}, "missing input"),
+        ({**feeds, "extra": ids}, "unknown input"),
+        ({**feeds, "input_ids": ids.astype(np.int32)}, "input_ids must be int64"),
+        ({**feeds, "input_ids": ids[0]}, "rank"),
+        ({**feeds, "attention_mask": np.ones((1, 5), np.int64)}, "attention_mask"),
+        ({**feeds, past_name: np.zeros((2,) + feeds[past_name].shape[1:], feeds[past_name].dtype)}, "batch"),
+        ({**feeds, past_name: feeds[past_name].astype(np.float64)}, "must be"),
+    ]
+    for f, match in bad_feeds:
+        with pytest.raises(ValueError, match=match):
+            gen.run(f)
+    for kw, match in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+                      (dict(top_p=0.0), "top_p"), (dict(top_k=0), "top_k"), (dict(eos_id=99), "eos_id"),
+                      (dict(max_new_tokens=10), "max_seq_len")):
+        with pytest.raises(ValueError, match=match):
+            gen.generate([[1, 2]], **kw)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate([[1], []], max_new_tokens=2)
+    # Generation stops at the length limit.
+    assert len(gen.generate([[1, 2]], max_new_tokens=6)[0]) == 8
