@@ -1,0 +1,21 @@
+// Host-side launchers of the CUDA kernels (called by capi_cuda.cu after validation).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "../params.hpp"
+
+namespace cf {
+namespace cuda {
+
+// Bytes of scratch the decode step needs; -1 when the sizes are invalid or overflow.
+int64_t decode_workspace_bytes(int64_t B, int64_t DB, int64_t H, int64_t S);
+
+// Each returns cudaSuccess or the launch error; `why` explains a non-CUDA refusal
+// (returned as cudaErrorInvalidValue with a message).
+cudaError_t launch_decode_step(const DecodeParams& p, void* workspace, cudaStream_t stream, std::string* why);
+cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream, std::string* why);
+
+}  // namespace cuda
+}  // namespace cf
