@@ -149,15 +149,25 @@ class CALM(nn.Module):
         return table
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                augment_states: list[dict[int, torch.Tensor]] | None = None):
         """Logits (B, T, vocab). Aligned mode: both models read `tokens`. Context mode: the
-        augment models read `context` (B, Tc) with `context_mask` (B, Tc) bool."""
+        augment models read `context` (B, Tc) with `context_mask` (B, Tc) bool.
+        augment_states: the augment models' tapped states, as `augment_states()` returns them,
+        given instead of computed (e.g. read from a state cache, calm_fast.state_cache); in
+        context mode `context_mask` then marks their real rows."""
         check_tokens(tokens, self.anchor.cfg.vocab_size, "tokens")
         attention_mask = check_attention_mask(attention_mask, tokens)
         if tokens.shape[1] > self.anchor.cfg.max_seq_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.anchor.cfg.max_seq_len}")
-        aug_tokens, aug_mask, mask = self._augment_input(tokens, attention_mask, context, context_mask)
-        states = self.augment_states(aug_tokens, aug_mask)
+        if augment_states is not None:
+            if context is not None:
+                raise ValueError("give either context tokens or augment_states, not both")
+            states = self._check_states(augment_states, tokens, context_mask)
+            aug_mask, mask = (attention_mask, "aligned") if self.mode == "aligned" else (context_mask, "context")
+        else:
+            aug_tokens, aug_mask, mask = self._augment_input(tokens, attention_mask, context, context_mask)
+            states = self.augment_states(aug_tokens, aug_mask)
 
         def inject(anchor_layer, entries):
             def f(h):
@@ -170,6 +180,32 @@ class CALM(nn.Module):
 
         after = {layer: inject(layer, e) for layer, e in self._by_anchor_layer().items()}
         return self.anchor(tokens, attention_mask, after_block=after, validate=False)
+
+    def _check_states(self, states, tokens, context_mask):
+        """Given augment states: one {augment layer: (B, T_a, D_A)} per augment model, T_a = T
+        in aligned mode; cast to the bridges' device and dtype."""
+        aligned = self.mode == "aligned"
+        if not isinstance(states, (list, tuple)) or len(states) != len(self.mappings):
+            raise ValueError(f"augment_states must hold one dict per augment model ({len(self.mappings)}), "
+                             f"got {type(states).__name__}")
+        b, t = tokens.shape
+        out, t_a = [], None
+        for a, m in enumerate(self.mappings):
+            w = self.bridges[a][0].proj.weight
+            got = {}
+            for aug_layer, _ in m:
+                s = states[a].get(aug_layer) if isinstance(states[a], dict) else None
+                if s is None:
+                    raise ValueError(f"augment_states[{a}] has no state for augment layer {aug_layer}")
+                t_a = s.shape[1] if t_a is None and s.dim() == 3 else t_a
+                if s.dim() != 3 or s.shape[0] != b or s.shape[2] != w.shape[1] or s.shape[1] != (t if aligned else t_a):
+                    want = f"({b}, {t if aligned else t_a}, {w.shape[1]})"
+                    raise ValueError(f"augment_states[{a}][{aug_layer}] has shape {tuple(s.shape)}, expected {want}")
+                got[aug_layer] = s.to(device=w.device, dtype=w.dtype)
+            out.append(got)
+        if not aligned and context_mask is not None and tuple(context_mask.shape) != (b, t_a):
+            raise ValueError(f"context_mask has shape {tuple(context_mask.shape)}, expected ({b}, {t_a})")
+        return out
 
     def _augment_input(self, tokens, attention_mask, context, context_mask):
         if self.mode == "aligned":

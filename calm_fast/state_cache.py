@@ -22,7 +22,6 @@ can attend. fp32 storage reproduces the loss to rounding; bf16/fp16 storage to ~
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import zlib
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .validation import check_attention_mask, check_tokens
 
 VERSION = 1
 INDEX = "index.json"
@@ -57,43 +55,7 @@ def forward_with_states(calm, tokens: torch.Tensor, states, attention_mask: torc
     states: one {augment layer: (B, T_a, D_A)} per augment model, as CALM.augment_states
     returns. Aligned mode: T_a == T and the bridges' key padding is `attention_mask`, as in
     CALM.forward. Context mode: `states_mask` (B, T_a) bool marks the real context rows."""
-    check_tokens(tokens, calm.anchor.cfg.vocab_size, "tokens")
-    attention_mask = check_attention_mask(attention_mask, tokens)
-    if tokens.shape[1] > calm.anchor.cfg.max_seq_len:
-        raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={calm.anchor.cfg.max_seq_len}")
-    aligned = calm.mode == "aligned"
-    if not isinstance(states, (list, tuple)) or len(states) != len(calm.mappings):
-        raise ValueError(f"states must hold one dict per augment model ({len(calm.mappings)}), "
-                         f"got {type(states).__name__} of {len(states) if hasattr(states, '__len__') else '?'}")
-    b, t = tokens.shape
-    for a, m in enumerate(calm.mappings):
-        dim = calm.bridges[a][0].proj.in_features
-        for aug_layer, _ in m:
-            s = states[a].get(aug_layer) if isinstance(states[a], dict) else None
-            if s is None:
-                raise ValueError(f"states[{a}] has no state for augment layer {aug_layer}")
-            if s.dim() != 3 or s.shape[0] != b or s.shape[2] != dim or (aligned and s.shape[1] != t):
-                want = f"({b}, {t if aligned else 'T_context'}, {dim})"
-                raise ValueError(f"states[{a}][{aug_layer}] has shape {tuple(s.shape)}, expected {want}")
-    if aligned:
-        aug_mask, mask = attention_mask, "aligned"
-    else:
-        t_a = states[0][calm.mappings[0][0][0]].shape[1]
-        if states_mask is not None and tuple(states_mask.shape) != (b, t_a):
-            raise ValueError(f"states_mask has shape {tuple(states_mask.shape)}, expected ({b}, {t_a})")
-        aug_mask, mask = states_mask, "context"
-
-    def inject(entries):
-        def f(h):
-            out = h
-            for a, k, aug_layer in entries:
-                h_a = states[a][aug_layer].to(device=h.device, dtype=calm.bridges[a][k].proj.weight.dtype)
-                out = calm.bridges[a][k](h, h_a, mask, aug_mask, residual=out, backend=calm.backend)
-            return out
-        return f
-
-    after = {layer: inject(e) for layer, e in calm._by_anchor_layer().items()}
-    return calm.anchor(tokens, attention_mask, after_block=after, validate=False)
+    return calm(tokens, attention_mask, augment_states=states, context_mask=states_mask)
 
 
 # ---- fingerprints ----------------------------------------------------------------------------

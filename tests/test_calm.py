@@ -324,3 +324,21 @@ def test_state_dict_nests_in_other_modules():
     x = rand_tokens(1, 6)
     torch.testing.assert_close(b.calm(x), a.calm(x), atol=0, rtol=0)
     assert any(k.startswith("calm.bridges.0.0.") for k in a.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["aligned", "context"])
+def test_given_augment_states_equal_computed(mode):
+    calm = make_calm(mode, n_aug=2)
+    x = rand_tokens(2, 9)
+    src = rand_tokens(2, 6, seed=9) if mode == "context" else x
+    cmask = left_pad_mask([6, 4], 6) if mode == "context" else None
+    states = calm.augment_states(src, cmask)
+    kw = {"context": src, "context_mask": cmask} if mode == "context" else {}
+    want = calm(x, **kw)
+    got = calm(x, augment_states=states, context_mask=cmask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    bad = [dict(s) for s in states]
+    layer = next(iter(bad[0]))
+    bad[0][layer] = bad[0][layer][:, :3] if mode == "aligned" else bad[0][layer][:1]
+    with pytest.raises(ValueError, match=rf"augment_states\[0\]\[{layer}\] has shape"):
+        calm(x, augment_states=bad, context_mask=cmask)
