@@ -108,7 +108,7 @@ __device__ float row_dot(const T* __restrict__ w, const X* __restrict__ x, int64
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 4) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
+__global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
   cg::grid_group grid = cg::this_grid();
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + wib, nwarps = int64_t(gridDim.x) * kWarps;

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# One-shot GPU check for calm_fast's native CUDA kernels, for a GPU machine with python3
+# (torch + CUDA), nvcc, cmake, pytest and no internet. From the repository root:
+#     bash bench/gpu_check.sh            # files land in $OUT (or /tmp/calm_fast_gpu_check)
+# Stages (each runs whatever happened before; a failure is reported, not fatal):
+#   env -> build (fails fast: no native stage runs after a failed build) -> import ->
+#   test_cuda (tests/test_cuda_ops.py) -> test_triton (tests/test_triton_ops.py, if present) ->
+#   bench (bench/bench_bridge.py --device cuda --quick: prefill bridge vs eager vs SDPA,
+#   decode step B=1 D_B=4096 2048 cached rows, causal attention d=128 vs SDPA flash) -> summary.
+# The whole script keeps under ~7.5 minutes: every stage's timeout is cut to the time left.
+# Back in $OUT (at most 8 files): gpu_check.log, build.log, summary.txt, bridge_*.json/png,
+# junit_cuda.xml, junit_triton.xml.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-/tmp/calm_fast_gpu_check}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-450}))
+NAMES=() ; STATUS=() ; SECS=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# run_stage NAME LIMIT_S CMD... : runs with a timeout (<= time left), records status.
+run_stage() {
+  local name=$1 limit=$2; shift 2
+  local now left t0 rc
+  now=$(date +%s); left=$((DEADLINE - now))
+  if (( left < 15 )); then
+    NAMES+=("$name"); STATUS+=("SKIP (no time left)"); SECS+=(0); log "=== $name: skipped, no time left"; return 1
+  fi
+  (( limit > left )) && limit=$left
+  log "=== $name (limit ${limit}s): $*"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=$?
+  NAMES+=("$name"); SECS+=($(( $(date +%s) - t0 )))
+  if (( rc == 0 )); then STATUS+=("OK"); elif (( rc == 124 || rc == 137 )); then STATUS+=("TIMEOUT"); else STATUS+=("FAIL rc=$rc"); fi
+  log "=== $name: ${STATUS[-1]} in ${SECS[-1]}s"
+  return $rc
+}
+
+skip_stage() { NAMES+=("$1"); STATUS+=("SKIP ($2)"); SECS+=(0); log "=== $1: skipped ($2)"; }
+
+# ---- env
+run_stage env 30 bash -c "nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv; \
+  nvcc --version | tail -2; cmake --version | head -1; \
+  $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
+
+# ---- build: only this GPU's architecture (faster than 80;90), CUDA required
+CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+CC=${CC:-90}
+BUILD_OK=0
+if CALM_FAST_CUDA=ON CMAKE_CUDA_ARCHITECTURES="$CC" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+   run_stage build 240 bash -c "$PY setup.py build_ext --inplace > '$OUT_DIR/build.log' 2>&1; rc=\$?; \
+     grep -E 'error|warning: |Built target|spill' '$OUT_DIR/build.log' | tail -40; exit \$rc"; then
+  BUILD_OK=1
+else
+  log "--- build failed; last lines of build.log:"; tail -60 "$OUT_DIR/build.log" | tee -a "$LOG"
+fi
+
+# ---- native stages (only after a good build)
+if (( BUILD_OK )); then
+  run_stage import 60 "$PY" -c "
+import torch, calm_fast._C, calm_fast._C_cuda
+from calm_fast.ops import native
+from calm_fast import ops
+assert native.supports(torch.device('cuda'), torch.bfloat16), 'cuda backend not usable'
+print('backends on cuda:', ops.available_backends('cuda', torch.bfloat16), 'cpu isa:', calm_fast._C.cpu_isa())"
+  IMPORT_OK=$?
+  if (( IMPORT_OK == 0 )); then
+    run_stage test_cuda 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py \
+      --junitxml="$OUT_DIR/junit_cuda.xml"
+  else
+    skip_stage test_cuda "import failed"
+  fi
+else
+  skip_stage import "build failed"; skip_stage test_cuda "build failed"
+fi
+
+if [[ -f tests/test_triton_ops.py ]]; then
+  run_stage test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py \
+    --junitxml="$OUT_DIR/junit_triton.xml"
+else
+  skip_stage test_triton "tests/test_triton_ops.py not present"
+fi
+
+# ---- bench (the Triton backend too when it loads; native variants only after a good build)
+run_stage bench 200 "$PY" bench/bench_bridge.py --device cuda --dtype bfloat16 --quick --out-dir "$OUT_DIR"
+
+# ---- summary
+{
+  echo "calm_fast GPU check — $(date -u +%FT%TZ), total $(( $(date +%s) - START ))s"
+  printf '%-12s %-24s %6s\n' stage status seconds
+  for i in "${!NAMES[@]}"; do printf '%-12s %-24s %6s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"; done
+  for x in "$OUT_DIR"/junit_*.xml; do
+    [[ -f $x ]] && "$PY" - "$x" <<'PYEOF'
+import sys, xml.etree.ElementTree as ET
+r = ET.parse(sys.argv[1]).getroot()
+s = r if r.tag == "testsuite" else r.find("testsuite")
+print(f"{sys.argv[1].rsplit('/', 1)[-1]}: tests={s.get('tests')} failures={s.get('failures')} "
+      f"errors={s.get('errors')} skipped={s.get('skipped')}")
+PYEOF
+  done
+  for j in "$OUT_DIR"/bridge_*.json; do
+    [[ -f $j ]] && "$PY" - "$j" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+c = d["ceilings"]
+print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c.get('matmul_bfloat16_tflops', 0):.0f} TFLOP/s")
+for r in d["rows"]:
+    if r["phase"] == "decode":
+        print(f"decode  B={r['B']} D_B={r['D_B']} rows={r['cache_rows']} {r['variant']:>8}: {r['us']:8.1f} us "
+              f"{r['gbps']:7.0f} GB/s ({100 * r['gbps'] / c['copy_gbps']:.0f}% of copy)")
+    elif r["phase"] == "attention":
+        print(f"attn    T={r['T']} d={r['d']} causal {r['variant']:>10}: {r['ms']:8.3f} ms {r['tflops']:6.1f} TFLOP/s")
+    else:
+        print(f"prefill B={r['B']} T={r['T']} D_B={r['D_B']} {r['variant']:>8}: {r['ms']:8.3f} ms "
+              f"x{r['speedup_vs_ref']:.2f} vs eager, x{r['speedup_vs_sdpa']:.2f} vs SDPA")
+PYEOF
+  done
+} 2>&1 | tee "$OUT_DIR/summary.txt" | tee -a "$LOG"
+FAILED=0
+for s in "${STATUS[@]}"; do [[ $s == OK || $s == SKIP* ]] || FAILED=1; done
+exit $FAILED
