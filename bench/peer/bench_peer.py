@@ -34,6 +34,8 @@ REFERENCE = {
     "connections": [[2, 3], [3, 6], [5, 9], [6, 12]],
     "batch": 4, "seq": 256, "prompt": 64, "new_tokens": 256,
     "warmup": 1, "train_steps_per_run": 2,
+    # generation warm-up: one short generate (the peer needs minutes for a full one)
+    "gen_warmup_tokens": 8,
 }
 QUICK = {**REFERENCE, "anchor": {"layers": 4, "dim": 128, "heads": 4},
          "augment": {"layers": 4, "dim": 64, "heads": 2}, "connections": [[2, 2], [4, 4]],
@@ -146,10 +148,16 @@ def main():
     results = {"config": cfg, "machine": machine(), "quick": args.quick,
                "command": "cd /work/main && .venv/bin/python bench/peer/bench_peer.py " + " ".join(sys.argv[1:])}
     tasks = args.tasks.split(",")
-    if "train" in tasks:
-        results["train_step"] = run_task("train", cfg, args.repeats)
     if "generate" in tasks:
         results["generate"] = run_task("generate", cfg, args.gen_repeats or args.repeats)
+        finish(results, cfg, args, t0)
+    if "train" in tasks:
+        results["train_step"] = run_task("train", cfg, args.repeats)
+    finish(results, cfg, args, t0)
+
+
+def finish(results, cfg, args, t0):
+    """Derive the headline figures and write the JSON (called after each task too)."""
     any_task = results.get("train_step") or results.get("generate")
     results["versions"] = {"ours": any_task["info"]["ours"]["versions"], "peer": any_task["info"]["peer"]["versions"]}
     if "train_step" in results:
