@@ -11,7 +11,7 @@ cmake -S "$ROOT" -B "$BUILD" -DCALM_FAST_SANITIZE=ON -DCALM_FAST_CUDA=OFF \
       -DCALM_FAST_ISA_DISPATCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$BUILD" -j"${JOBS:-2}" --target _C
-SO="$(find "$BUILD" -name '_C*.so' | head -1)"
+SO="$(find "$BUILD" -path "$BUILD/overlay" -prune -o -name '_C*.so' -print | head -1)"
 # A package overlay: calm_fast's Python files from the tree, _C from the ASan build.
 PKG="$BUILD/overlay/calm_fast"
 rm -rf "$BUILD/overlay"; mkdir -p "$PKG"
@@ -25,5 +25,6 @@ export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_m
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$BUILD/overlay:$ROOT"
 cd "$ROOT"
-"$PY" -c "import calm_fast._C as C, sys; assert C.__file__.startswith('$BUILD'), C.__file__; print('ASan _C:', C.__file__)"
-exec "$PY" -m pytest -q -p no:cacheprovider tests/test_fuzz_kernels.py tests/test_ops_reference.py "$@"
+"$PY" -P -c "import calm_fast._C as C, sys; assert C.__file__.startswith('$BUILD'), C.__file__; print('ASan _C:', C.__file__)"
+# -P: do not put the working directory (the source tree, with the regular _C) first on sys.path.
+exec "$PY" -P -m pytest -q -p no:cacheprovider tests/test_fuzz_kernels.py tests/test_ops_reference.py "$@"
