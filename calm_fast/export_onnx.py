@@ -25,6 +25,7 @@ are never seen; a query row with no visible key outputs 0.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -441,12 +442,16 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
     _check_options(opset, attention, dtype, exporter)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    first = next(model.parameters())
+    if first.device.type != "cpu" or first.dtype != dtype:
+        # Trace a CPU copy in the export dtype: the caller's model is left as it was.
+        model = copy.deepcopy(model).to(device="cpu", dtype=dtype)
     calm = model if isinstance(model, CALM) else None
     anchor = model.anchor if calm is not None else model
-    was_training = model.training
     model.eval()
     try:
-        base = _Step(anchor, calm, attention, dtype).to(dtype).eval()
+        base = _Step(anchor, calm, attention, dtype).eval()
         dtype_name = _NP_DTYPES[dtype]
         inputs, outputs, ctx = _io_spec(anchor, calm, dtype_name)
         vocab = anchor.cfg.vocab_size
@@ -458,7 +463,9 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
             "exporter": exporter,
             "vocab_size": vocab, "kind": "calm" if calm is not None else "decoder",
             "mode": calm.mode if calm is not None else None,
-            "max_seq_len": anchor.cfg.max_seq_len,
+            # Aligned augments read the same tokens: the shortest limit (learned positions) wins.
+            "max_seq_len": min([anchor.cfg.max_seq_len] + [a.cfg.max_seq_len for a in calm.augments]
+                               if calm is not None and calm.mode == "aligned" else [anchor.cfg.max_seq_len]),
             "graphs": {"model": {"file": MODEL_FILE, "inputs": inputs, "outputs": outputs}},
             "symbols": {"batch": "sequences in the batch", "seq": "new tokens this call",
                         "past": "positions already cached (0 at prefill)",
@@ -518,7 +525,7 @@ def export_bridge(bridge, path, *, mode: str = "aligned", opset: int = 18, atten
     outputs = [_tensor("hidden", dn, ["batch", "seq", d_b], "hidden"),
                _tensor("present_key", dn, ["batch", h, "total", d], "present", past="past_key"),
                _tensor("present_value", dn, ["batch", h, "total", d], "present", past="past_value")]
-    module = _BridgeOnly(bridge, mode, attention, dtype).to(dtype).eval()
+    module = _BridgeOnly(bridge, mode, attention, dtype).cpu().eval()  # holds copies, not the bridge
     sizes = {"batch": 2, "seq": 3, "new": 2, "past": 4, "total": 6}
     _export_graph(module, inputs, outputs, path, sizes, 2, dtype, opset, attention, exporter)
     return {"file": path.name, "mode": mode, "inputs": inputs, "outputs": outputs}
