@@ -46,16 +46,19 @@ CONTEXT_FILE = "context.onnx"
 MIN_OPSET = 18
 ATTENTION_IMPLS = ("standard", "mha")
 EXPORTERS = ("torchscript", "dynamo")
-# Large negative instead of -inf: softmax stays finite, and rows with no visible key are
-# zeroed explicitly afterwards (ops/reference.py's rule), so no NaN can appear.
-_NEG = -1e30
+
+
+def _neg(dtype) -> float:
+    """The dtype's lowest finite value instead of -inf: softmax stays finite, and rows with no
+    visible key are zeroed explicitly afterwards (ops/reference.py's rule), so no NaN appears."""
+    return torch.finfo(dtype).min
 
 
 # ---- attention as export-friendly math ------------------------------------------------------
 def _attend_standard(q, k, v, allowed):
     """q (B, H, Tq, d), k/v (B, H, Tk, d), allowed (B, 1, Tq, Tk) bool -> (B, H, Tq, d)."""
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    scores = torch.where(allowed, scores, torch.full_like(scores, _NEG))
+    scores = torch.where(allowed, scores, torch.full_like(scores, _neg(scores.dtype)))
     probs = torch.softmax(scores, dim=-1) * allowed.to(scores.dtype)
     return probs @ v
 
@@ -95,7 +98,7 @@ def _attend(q, k, v, allowed, impl: str):
         b, h, t, d = out.shape
         return out.transpose(1, 2).reshape(b, t, h * d)
     b, h, tq, d = q.shape
-    bias = torch.where(allowed, torch.zeros((), dtype=q.dtype), torch.full((), _NEG, dtype=q.dtype))
+    bias = torch.where(allowed, torch.zeros((), dtype=q.dtype), torch.full((), _neg(q.dtype), dtype=q.dtype))
     out = _mha(q.transpose(1, 2).reshape(b, tq, h * d), k, v, bias, h)
     # MHA averages V over a fully masked row; the reference defines that row as 0.
     visible = allowed.any(dim=-1).transpose(1, 2).to(q.dtype)  # (B, Tq, 1)
@@ -418,8 +421,10 @@ def _check_options(opset, attention, dtype, exporter):
         raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-    if dtype not in (torch.float32, torch.float16):
-        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    if dtype != torch.float32:
+        # fp16: the TorchScript exporter emits LayerNormalization with mixed fp16/fp32 types
+        # that fail the checker; fp32 only until that is fixed (see docs/onnx.md).
+        raise ValueError(f"dtype must be torch.float32 (fp16 export is not supported yet), got {dtype}")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
 
@@ -435,7 +440,7 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
     export_bridges: also write each bridge on its own (see `export_bridge`).
     exporter: "torchscript" (default: ~30x faster to trace than "dynamo" here, same graph
       semantics, tested) or "dynamo" (torch.export + onnxscript).
-    dtype: float16 halves memory for CUDA; parity tests cover float32.
+    dtype: torch.float32 only for now (fp16 export: see docs/onnx.md).
     """
     if not isinstance(model, (CALM, Decoder)):
         raise TypeError(f"export_onnx needs a CALM or a Decoder, got {type(model).__name__}")

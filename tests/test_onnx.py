@@ -357,6 +357,8 @@ def test_export_argument_errors(tmp_path):
         eo.export_onnx(dec, tmp_path, opset=17)
     with pytest.raises(ValueError, match="attention must be one of"):
         eo.export_onnx(dec, tmp_path, attention="flash")
+    with pytest.raises(ValueError, match="fp16 export is not supported yet"):
+        eo.export_onnx(dec, tmp_path, dtype=torch.float16)
     with pytest.raises(ValueError, match="exporter must be one of"):
         eo.export_onnx(dec, tmp_path, exporter="jit")
     assert not (tmp_path / "model.onnx").exists()
