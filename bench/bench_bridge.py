@@ -9,6 +9,8 @@ Variants (all timed round-robin in one process; medians):
   prefill  ref        reference.bridge_forward (eager, fp32 softmax)
            sdpa       the same linears + F.scaled_dot_product_attention (is_causal when Tq=Tk)
            <backend>  ops.bridge_forward(..., backend=<backend>) for each available backend
+           X+fold     X with the inference form: P folded into W_k/W_v (one D_A x 2 D_B GEMM,
+                      reference.fold_projection, done once at load so not timed)
   decode   ref        reference.bridge_decode_step (folded W_kv)
            sdpa       linears + cache write + SDPA over the cache
            <backend>  ops.bridge_decode_step(..., backend=<backend>)
@@ -69,15 +71,28 @@ def bench_prefill(args, device, dtype, backends, es):
                                          ref.split_heads(v, n_heads), "aligned", None)
                     return h_b + F.linear(ref.merge_heads(att), wts["w_o"])
 
+                w_kv, b_kv = ref.fold_projection(wts["w_proj"], wts["b_proj"], wts["w_k"], wts["w_v"])
+
+                def folded(attention):
+                    # Inference form (DESIGN.md "Algebraic fusion"): one GEMM for K and V.
+                    kv = F.linear(h_a, w_kv, b_kv)
+                    q = ref.split_heads(F.linear(h_b, wts["w_q"]), n_heads)
+                    k, v = ref.split_heads(kv[..., :d_b], n_heads), ref.split_heads(kv[..., d_b:], n_heads)
+                    return h_b + F.linear(ref.merge_heads(attention(q, k, v)), wts["w_o"])
+
                 variants = {"ref": lambda: ref.bridge_forward(h_b, h_a, **wts, n_heads=n_heads),
-                            "sdpa": sdpa_bridge}
+                            "sdpa": sdpa_bridge,
+                            "sdpa+fold": lambda: folded(lambda q, k, v: sdpa_attention(q, k, v, "aligned", None))}
                 for be in backends:
                     variants[be] = lambda be=be: ops.bridge_forward(h_b, h_a, **wts, n_heads=n_heads,
                                                                     backend=be)
+                    variants[be + "+fold"] = lambda be=be: folded(
+                        lambda q, k, v: ops.cross_attention(q, k, v, "aligned", None, be))
                 with torch.inference_mode():
                     res = common.compare(variants, device, repeats=args.repeats)
-                flops = (2 * b * t * (d_a * d_b + 4 * d_b * d_b)  # P, W_k, W_v, W_q, W_o
-                         + 0.5 * 4 * b * t * t * d_b)  # causal attention
+                # Useful work of the training form (P, W_k, W_v, W_q, W_o + causal attention);
+                # the folded variants do less, so their TFLOP/s reads as "effective".
+                flops = (2 * b * t * (d_a * d_b + 4 * d_b * d_b) + 0.5 * 4 * b * t * t * d_b)
                 nbytes = es * (d_a * d_b + 4 * d_b * d_b + b * t * (d_a + 2 * d_b))
                 for name, r in res.items():
                     rows.append({"phase": "prefill", "variant": name, "B": b, "T": t, "D_B": d_b,

@@ -422,3 +422,16 @@ def test_nan_scores_give_nan_rows():
     kc = torch.tensor([[[[float("nan"), 0.0], [1.0, 1.0]]]])  # (1, 1, 2, 2): row 0 has NaN
     step = native.bridge_decode_step(h_b, None, torch.eye(2), None, None, torch.eye(2), kc, kc.clone(), 2, 1)
     assert step.isnan().all()
+
+
+def test_visible_nan_value_with_underflowed_weight_gives_nan():
+    # exp(-687) underflows to 0, but the key is visible: 0 * NaN must keep the row NaN.
+    q = torch.tensor([[[[24.0983]]]])
+    k = torch.tensor([5.2450, 2.6693, -18.4115, 1.3855, -41.0478, 10.1249]).view(1, 1, 6, 1)
+    v = torch.tensor([1.0111, -1.4352, float("nan"), 0.5220, 1.2379, -0.8646]).view(1, 1, 6, 1)
+    kpm = torch.tensor([[True, True, True, False, True, True]])
+    assert native.cross_attention(q, k, v, "aligned", kpm).isnan().all()
+    h_b = torch.zeros(1, 1, 1)
+    out = native.bridge_decode_step(h_b, None, torch.tensor([[24.0983]]), None, None, torch.eye(1),
+                                    k.clone(), v.clone(), 6, 1, kpm)
+    assert out.isnan().all()

@@ -7,6 +7,7 @@
 // four-row AXPYs. Nothing of size Tq x Tk is ever stored.
 #pragma once
 #include "../params.hpp"
+#include "microkernels.hpp"
 #include "numeric.hpp"
 
 namespace cf {
@@ -110,15 +111,17 @@ inline int64_t last_key(const AttnParams& p, int64_t i) {
 template <typename T>
 bool attn_fwd_impl(const AttnParams& p, int nthreads) {
   using A = typename acc_of<T>::type;
+  static_assert(kBQ % kRows == 0 && kBK % (kNV * lanes<A>()) == 0, "tile sizes");
+  constexpr int KW = kNV * lanes<A>();  // keys per register tile
   const int64_t D = p.D, nqb = (p.Tq + kBQ - 1) / kBQ, items = p.B * p.H * nqb;
   const A scale = A(1) / std::sqrt(A(D));
   bool failed = false;
 #pragma omp parallel num_threads(nthreads)
   {
     KeyTile<T, A> tile(D);
-    Buf<A> qf(kBQ * D), acc(kBQ * D);
-    A m[kBQ], l[kBQ], s[kBK];
-    const bool ok = tile.ok() && qf.ok() && acc.ok();
+    Buf<A> qf(kBQ * D), acc(kBQ * D), sb(kRows * kBK);
+    A m[kBQ], l[kBQ];
+    const bool ok = tile.ok() && qf.ok() && acc.ok() && sb.ok();
     if (!ok) {
 #pragma omp atomic write
       failed = true;
@@ -128,50 +131,63 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
       if (!ok) continue;
       const int64_t b = it / (p.H * nqb), h = (it / nqb) % p.H, i0 = (it % nqb) * kBQ;
       const int nq = int(imin(kBQ, p.Tq - i0));
+      qf.zero(kBQ * D);
+      for (int r = 0; r < kBQ; ++r) {
+        m[r] = neg_inf<A>();
+        l[r] = A(0);
+      }
       for (int r = 0; r < nq; ++r) {
         const T* qp = row_ptr<T>(p.q, p.sq, b, h, i0 + r);
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_acc(qp[d]) * scale;
-        m[r] = neg_inf<A>();
-        l[r] = A(0);
       }
       acc.zero(kBQ * D);
       const int64_t kend = imin(p.Tk, last_key(p, i0 + nq - 1) + 1);
       for (int64_t j0 = 0; j0 < kend; j0 += kBK) {
         tile.load(p, b, h, j0, false);
-        for (int r = 0; r < nq; ++r) {
-          const int64_t lim = last_key(p, i0 + r) - j0;  // last visible jj in this tile
-          if (lim < 0) continue;
-          tile_dots(&qf[r * D], tile.kt.data(), D, s);
-          // Branch-free selects so the loops vectorise. A NaN score poisons the row (as in
-          // the reference: softmax over a NaN is NaN); masked keys never reach the sums.
-          int bad = 0;
+        for (int r0 = 0; r0 < nq; r0 += kRows) {
+          // Keys this group of rows may see in the tile; past the last one nothing is read.
+          const int64_t glim = imin(last_key(p, i0 + imin(r0 + kRows, nq) - 1) - j0 + 1, tile.n);
+          if (glim <= 0) continue;
+          for (int c0 = 0; c0 < glim; c0 += KW)
+            dots_block(&qf[r0 * D], D, tile.kt.data() + c0, kBK, D, sb.data() + c0, kBK);
+          int cnt[kRows];
+          for (int rr = 0; rr < kRows; ++rr) {
+            const int r = r0 + rr;
+            A* s = sb.data() + rr * kBK;
+            cnt[rr] = 0;
+            const int64_t lim = r < nq ? last_key(p, i0 + r) - j0 : -1;  // last visible jj
+            if (lim < 0 || m[r] != m[r]) continue;  // sees nothing here, or already NaN
+            // Branch-free selects so the loops vectorise. A NaN score poisons the row (as
+            // in the reference: softmax over a NaN is NaN); masked keys never reach sums.
+            int bad = 0;
 #pragma omp simd reduction(| : bad)
-          for (int jj = 0; jj < kBK; ++jj) {
-            s[jj] = ((tile.valid[jj] != A(0)) & (jj <= lim)) ? s[jj] : neg_inf<A>();
-            bad |= s[jj] != s[jj];
-          }
-          if (bad) {
-            m[r] = l[r] = std::numeric_limits<A>::quiet_NaN();
-            continue;
-          }
-          if (m[r] != m[r]) continue;  // already poisoned
-          A mx = m[r];
+            for (int jj = 0; jj < kBK; ++jj) {
+              s[jj] = ((tile.valid[jj] != A(0)) & (jj <= lim) & (jj < glim)) ? s[jj] : neg_inf<A>();
+              bad |= s[jj] != s[jj];
+            }
+            if (bad) {
+              m[r] = l[r] = std::numeric_limits<A>::quiet_NaN();
+              continue;
+            }
+            A mx = m[r];
 #pragma omp simd reduction(max : mx)
-          for (int jj = 0; jj < kBK; ++jj) mx = mx > s[jj] ? mx : s[jj];
-          if (mx == neg_inf<A>()) continue;
-          const A alpha = exp_neg(m[r] - mx);
-          A sum = 0;
+            for (int jj = 0; jj < kBK; ++jj) mx = mx > s[jj] ? mx : s[jj];
+            if (mx == neg_inf<A>()) continue;
+            const A alpha = exp_neg(m[r] - mx);
+            A sum = 0;
 #pragma omp simd reduction(+ : sum)
-          for (int jj = 0; jj < kBK; ++jj) {
-            s[jj] = exp_neg(s[jj] - mx);
-            sum += s[jj];
+            for (int jj = 0; jj < kBK; ++jj) {
+              s[jj] = exp_neg(s[jj] - mx);
+              sum += s[jj];
+            }
+            l[r] = l[r] * alpha + sum;
+            m[r] = mx;
+            A* y = &acc[r * D];
+            if (alpha != A(1))
+              for (int64_t d = 0; d < D; ++d) y[d] *= alpha;
+            cnt[rr] = int(imin(tile.n, lim + 1));
           }
-          l[r] = l[r] * alpha + sum;
-          m[r] = mx;
-          A* y = &acc[r * D];
-          if (alpha != A(1))
-            for (int64_t d = 0; d < D; ++d) y[d] *= alpha;
-          tile_axpy(s, tile.vr.data(), int(imin(tile.n, lim + 1)), D, y);  // keys past lim: p = 0
+          pv_block(sb.data(), kBK, tile.vr.data(), cnt, D, &acc[r0 * D]);
         }
       }
       for (int r = 0; r < nq; ++r) {

@@ -97,9 +97,9 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
       if (mx == neg_inf<A>()) continue;  // nothing visible: output 0
       A sum = 0;
       for (int64_t j = 0; j < n; ++j) {
-        const A pj = exp_neg(s[j] - mx);
+        if (s[j] == neg_inf<A>()) continue;  // masked; a visible key counts even if its
+        const A pj = exp_neg(s[j] - mx);        // weight underflows (0 * NaN must stay NaN)
         sum += pj;
-        if (pj == A(0)) continue;
         const T* vr = vb + j * p.svc[2];
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) y[d] += pj * to_acc(vr[d]);

@@ -199,8 +199,9 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
     for (int t = 0; t < kPL; ++t) acc[t] = 0.f;
     if (!bad && mx != ninf) {
       for (int64_t j = j0; j < j1; ++j) {
-        const float pj = expf(s_sh[wib][j - j0] - mx);
-        if (pj == 0.f) continue;  // masked (uniform across the warp)
+        const float sj = s_sh[wib][j - j0];
+        if (sj == ninf) continue;  // masked (uniform across the warp); an underflowed visible
+        const float pj = expf(sj - mx);  // key still counts, so 0 * NaN stays NaN
         l += pj;
         const T* vr = vb + j * p.svc[2];
 #pragma unroll
