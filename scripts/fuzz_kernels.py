@@ -41,7 +41,7 @@ def run(name: str, examples: int, backends: str | None, extra_env: dict, timeout
     except subprocess.TimeoutExpired as e:
         rc, out = 124, f"timed out after {timeout}s\n{e.stdout or ''}"
     print(f"== {name}: rc={rc} in {time.time() - t0:.0f}s")
-    print("\n".join(out.strip().splitlines()[-15:]))
+    print("\n".join(out.strip().splitlines()[-60:]))
     counts = {}
     if Path(report).is_file() and Path(report).stat().st_size:
         counts = json.loads(Path(report).read_text())

@@ -163,7 +163,7 @@ def _excuse_all_nan_rows(backend, q, k, kpm, c, out, ref):
     the visible values. Only rows where the kernel wrote exactly 0 are excused (they take the
     reference's row). (Rows of NaN scores were excused too until the cpp kernel was fixed.)"""
     if backend not in ("cpp", "cuda"):
-        return out
+        return out, None
     scores = q.float() @ k.float().transpose(-1, -2)
     allowed = _allowed(c["tq"], c["tk"], c["mask"], kpm, c["b"])
     bad = (scores.isneginf() | ~allowed).all(-1) & allowed.any(-1)  # (B, H, Tq)
@@ -172,7 +172,7 @@ def _excuse_all_nan_rows(backend, q, k, kpm, c, out, ref):
         _count(f"{backend}/known_divergence_all_neginf_row_gave_0", int(hit.sum()))
         out = out.expand(c["b"], c["h"], c["tq"], c["d"]).clone()
         out[hit] = ref.expand_as(out)[hit]
-    return out
+    return out, hit
 
 
 def _allowed(tq, tk, mask, kpm, b):
@@ -220,7 +220,7 @@ def test_cross_attention_matches_reference(backend, c):
     q, k, v, kpm = _build_attention(c)
     ref = R.cross_attention(q.contiguous(), k.contiguous(), v.contiguous(), c["mask"], kpm)
     out = ops.cross_attention(q, k, v, c["mask"], kpm, backend)
-    out = _excuse_all_nan_rows(backend, q, k, kpm, c, out, ref)
+    out, excused = _excuse_all_nan_rows(backend, q, k, kpm, c, out, ref)
     hull = None
     if c["qk_scale"] >= 30.0:
         allowed = _allowed(c["tq"], c["tk"], c["mask"], kpm, c["b"])[..., None]  # (B,H|1,Tq,Tk,1)
@@ -228,7 +228,11 @@ def test_cross_attention_matches_reference(backend, c):
         lo = torch.where(allowed, vv, math.inf).amin(-2)
         hi = torch.where(allowed, vv, -math.inf).amax(-2)
         empty = ~allowed.any(-2)
-        hull = (torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi))
+        lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+        if excused is not None and excused.any():  # the reference's row is not a convex mix
+            lo = torch.where(excused[..., None], -math.inf, lo.expand_as(out))
+            hi = torch.where(excused[..., None], math.inf, hi.expand_as(out))
+        hull = (lo, hi)
     _compare(out, ref, c["dtype"], f"{backend} {c}", hull)
     # A row that sees no key outputs exactly zero.
     empty_rows = ~_allowed(c["tq"], c["tk"], c["mask"], kpm, c["b"]).any(-1)
@@ -242,7 +246,8 @@ def test_cross_attention_matches_reference(backend, c):
 @st.composite
 def backward_case(draw):
     c = draw(attention_case())
-    c.update(dtype=draw(st.sampled_from([torch.float32, torch.float64])), qk_scale=1.0, v_scale=1.0,
+    c.update(dtype=draw(st.sampled_from([torch.float32, torch.float64])),  # bf16: too coarse
+ qk_scale=1.0, v_scale=1.0,
              special="none", broadcast_kv=False)
     return c
 
@@ -251,6 +256,9 @@ def backward_case(draw):
 @settings(FUZZ, max_examples=max(10, EXAMPLES // 3))
 @given(c=backward_case())
 def test_cross_attention_gradients_match_reference(backend, c):
+    if backend not in ops.available_backends("cpu", c["dtype"]):
+        _count(f"attention_backward/{backend}/skipped_dtype")
+        return
     q, k, v, kpm = _build_attention(c)
     g = torch.Generator().manual_seed(c["seed"] + 1)
     dout = torch.randn(c["b"], c["h"], c["tq"], c["d"], generator=g, dtype=torch.float64).to(c["dtype"])
