@@ -54,6 +54,9 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=1000, help="hypothesis examples per test, CPU backends")
     ap.add_argument("--triton-examples", type=int, default=60,
                     help="examples per test for triton under TRITON_INTERPRET=1 (0 = skip)")
+    ap.add_argument("--triton-dtypes", default="float32",
+                    help="dtypes for the triton run (bfloat16 under the CPU interpreter gives garbage, "
+                         "see docs/reliability.md; add it to check on a fixed interpreter)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--out", default=None, help="write the JSON summary here")
     args = ap.parse_args()
@@ -62,7 +65,8 @@ def main() -> int:
         try:
             import triton  # noqa: F401
             summary["triton"] = run("triton (interpreter)", args.triton_examples, "reference,triton",
-                                    {"TRITON_INTERPRET": "1"}, args.timeout,
+                                    {"TRITON_INTERPRET": "1", "CALM_FUZZ_DTYPES": args.triton_dtypes},
+                                    args.timeout,
                                     select="matches_reference or gradients")
         except ImportError:
             summary["triton"] = {"rc": 0, "skipped": "triton is not installed"}

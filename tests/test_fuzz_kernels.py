@@ -16,7 +16,7 @@ Non-finite values are only injected where the mask lets every row see them (a qu
 a key every row may attend to); masked-out non-finite values are a separate, known issue
 (test_masked_nonfinite_values_do_not_leak, xfail).
 
-Scale: CALM_FUZZ_EXAMPLES (default 60 per test in CI; scripts/fuzz_kernels.py runs more),
+Scale: CALM_FUZZ_DTYPES (comma list of torch dtype names), CALM_FUZZ_EXAMPLES (default 60 per test in CI; scripts/fuzz_kernels.py runs more),
 CALM_FUZZ_BACKENDS (comma list, default: every backend available on CPU except triton),
 CALM_FUZZ_REPORT (a JSON file that receives the case counts).
 """
@@ -47,7 +47,8 @@ if os.environ.get("CALM_FUZZ_BACKENDS"):
 else:
     BACKENDS = [b for b in _avail if b != "triton"]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [getattr(torch, n) for n in
+          os.environ.get("CALM_FUZZ_DTYPES", "float32,float64,bfloat16").split(",") if n]
 
 COUNTS: dict[str, int] = {}
 
