@@ -129,7 +129,8 @@ def main(argv=None):
     p.add_argument("--augment-layers", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads")
     p.add_argument("--attention", choices=eo.ATTENTION_IMPLS, default="standard")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile (its CPU build takes minutes per batch size on 2 cores)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
