@@ -219,6 +219,8 @@ class Decoder(nn.Module):
         """
         if validate:
             check_tokens(tokens, self.cfg.vocab_size, "tokens")
+            if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+                raise ValueError(f"pos must be a non-negative int (tokens already in the cache), got {pos!r}")
             attention_mask = check_attention_mask(attention_mask, tokens, pos)
             limit = self.cfg.max_seq_len if cache is None or not hasattr(cache, "max_len") \
                 else cache.max_len

@@ -2,6 +2,7 @@
 EOS, batches of prompts of different lengths (left padding), streaming."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -47,8 +48,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab_size):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

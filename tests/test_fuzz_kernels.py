@@ -502,9 +502,8 @@ def test_native_all_nan_scores_give_nan():
 
 
 @pytest.mark.xfail(strict=True, reason="divergence: when every visible score is -inf (an infinite q "
-                   "or k), ops/reference.py outputs the mean of the visible values (it treats the "
-                   "row as empty, fills its scores with 0) while csrc/cpu/attention.hpp outputs 0; "
-                   "the backends must agree (the lead decides which, or NaN)")
+                   "or k), ops/reference.py outputs NaN (softmax of all -inf; only the mask defines an "
+                   "empty, zero row) while csrc/cpu/attention.hpp outputs 0")
 def test_backends_agree_when_all_scores_are_neginf():
     if "cpp" not in ops.available_backends("cpu"):
         pytest.skip("cpp backend not built")

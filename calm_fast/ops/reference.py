@@ -46,12 +46,12 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
     allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    # Rows with no allowed key: softmax of all -inf is NaN; define them as zero output.
-    row_max = scores.amax(dim=-1, keepdim=True)
-    empty = torch.isneginf(row_max)
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1)
-    if allowed is not None:
-        probs = probs.masked_fill(~allowed, 0.0)
+    if allowed is None:
+        return (torch.softmax(scores, dim=-1) @ vf).to(out_dtype)
+    # A row the mask leaves no key (left padding) outputs zero. Emptiness is the mask's alone:
+    # a row whose visible scores are all -inf from infinite inputs gives NaN, as softmax does.
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(~allowed, 0.0)
     out = probs @ vf
     return out.to(out_dtype)
 
