@@ -29,6 +29,21 @@ def _find_nvcc() -> str | None:
     return None
 
 
+def _cmake() -> str:
+    """The cmake of the `cmake` Python package when installed (pinned), else the one on PATH."""
+    try:
+        import cmake
+        cand = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if cand.is_file():
+            return str(cand)
+    except (ImportError, AttributeError):
+        pass
+    found = shutil.which("cmake")
+    if found is None:
+        raise SystemExit("cmake not found: pip install cmake (or put cmake on PATH)")
+    return found
+
+
 def _want_cuda() -> bool:
     mode = os.environ.get("CALM_FAST_CUDA", "AUTO").upper()
     if mode not in ("AUTO", "ON", "OFF"):
@@ -72,8 +87,9 @@ class CMakeBuild(build_ext):
         args += os.environ.get("CMAKE_ARGS", "").split()
         env = dict(os.environ)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", "2")
-        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], env=env)
-        subprocess.check_call(["cmake", "--build", str(build_dir)], env=env)
+        cmake = _cmake()
+        subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], env=env)
+        subprocess.check_call([cmake, "--build", str(build_dir)], env=env)
         self._built = out_dir
         return out_dir
 

@@ -61,7 +61,7 @@ def _desc(t: torch.Tensor | None):
     """(data_ptr, dtype code, shape, strides): what the extensions take for a tensor."""
     if t is None:
         return None
-    return (t.data_ptr(), _CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
+    return (t.data_ptr(), _CODES[t.dtype], t.shape, t.stride())
 
 
 def _unit_inner(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -279,12 +279,17 @@ native_attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_cont
 
 # ----------------------------------------------------------------------- decode step
 
-@torch.library.custom_op("calm_fast::native_decode_step", mutates_args=("k_cache", "v_cache"),
-                         device_types="cpu")
-def native_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.Tensor,
-                       w_kv: torch.Tensor | None, b_kv: torch.Tensor | None, w_o: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
-                       key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+# Defined through torch.library.Library rather than custom_op: for an op that mutates its
+# inputs, custom_op's Python ADInplaceOrView layer costs ~100 us per call (schema default
+# filling), more than the whole step at small widths. The dispatcher's C++ fallbacks bump the
+# caches' version counters from the schema's alias annotations instead.
+_lib = torch.library.Library("calm_fast", "FRAGMENT")
+_lib.define("native_decode_step(Tensor h_b, Tensor? h_a, Tensor w_q, Tensor? w_kv, Tensor? b_kv, "
+            "Tensor w_o, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt pos, int n_heads, "
+            "Tensor? key_padding_mask) -> Tensor")
+
+
+def _decode_step_cpu(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
     args, out, keep = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
     _C.set_num_threads(torch.get_num_threads())
     _C.decode_step(*args, pos, n_heads, _desc(out))
@@ -292,7 +297,6 @@ def native_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
     return out
 
 
-@native_decode_step.register_kernel("cuda")
 def _decode_step_cuda(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
     args, out, keep = _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask)
     nbytes = _C_cuda.decode_workspace_bytes(h_b.shape[0], h_b.shape[2], n_heads, k_cache.shape[2])
@@ -304,9 +308,16 @@ def _decode_step_cuda(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_h
     return out
 
 
-@native_decode_step.register_fake
+_lib.impl("native_decode_step", _decode_step_cpu, "CPU")
+_lib.impl("native_decode_step", _decode_step_cuda, "CUDA")
+
+
+@torch.library.register_fake("calm_fast::native_decode_step")
 def _(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
     return h_b.new_empty(h_b.shape)
+
+
+native_decode_step = torch.ops.calm_fast.native_decode_step.default
 
 
 def _decode_args(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, key_padding_mask):
