@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: calm when --bridges is given, else m_B")
     p.add_argument("--bases", default=str(ASSETS), help=f"default {ASSETS}")
     p.add_argument("--bridges", default=None, help="Θ_C directory for --model calm")
-    p.add_argument("--max-new-tokens", type=_positive, default=16)
+    p.add_argument("--max-new-tokens", type=_positive, default=None,
+                   help="default: as many as the longest answer needs (within max_seq_len)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=_positive, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -246,7 +247,11 @@ def cmd_generate(args):
     except ValueError as e:
         raise CLIError(str(e)) from None
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    room = m_B.cfg.max_seq_len - len(ids)
+    if room <= 0:
+        raise CLIError(f"prompt of {len(ids)} tokens leaves no room within max_seq_len={m_B.cfg.max_seq_len}")
+    limit = args.max_new_tokens or max(task.max_answer_len(d) for d in ("kv_substitution", "kv_arithmetic"))
+    out = generate(model, [ids], max_new_tokens=min(limit, room), temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, eos_id=task.tok.eos_id, generator=gen)
     new = out[0, len(ids):].tolist()
     if task.tok.eos_id in new:

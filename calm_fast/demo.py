@@ -33,13 +33,14 @@ ROW_NAMES = {"kv_substitution": "KV-Substitution", "numeric_arithmetic": "Numeri
 
 # ---- per-scale settings ----------------------------------------------------------------------
 MODELS = {  # (m_A, m_B) shapes; vocab and max_seq_len come from the task
-    "cpu": (dict(dim=128, n_layers=4, n_heads=4), dict(dim=192, n_layers=4, n_heads=4)),
+    "cpu": (dict(dim=96, n_layers=4, n_heads=4), dict(dim=128, n_layers=4, n_heads=4)),
     "paper": (dict(dim=256, n_layers=8, n_heads=4), dict(dim=512, n_layers=12, n_heads=8)),
     "tiny": (dict(dim=32, n_layers=2, n_heads=2), dict(dim=32, n_layers=2, n_heads=2)),
 }
 BASE_TRAIN = {  # role -> TrainConfig fields
-    "cpu": {"m_A": dict(steps=2000, batch_size=64, lr=3e-3, warmup=100, eval_every=250, ckpt_every=250),
-            "m_B": dict(steps=3000, batch_size=64, lr=2e-3, warmup=200, eval_every=250, ckpt_every=250)},
+    "cpu": {"m_A": dict(steps=800, batch_size=64, lr=3e-3, warmup=100, eval_every=200, ckpt_every=200),
+            "m_B": dict(steps=10000, batch_size=64, lr=2e-3, warmup=100, weight_decay=0.1, eval_every=500,
+                        ckpt_every=500)},
     "paper": {"m_A": dict(steps=40000, batch_size=256, lr=1e-3, warmup=1000, eval_every=2000, ckpt_every=2000),
               "m_B": dict(steps=60000, batch_size=256, lr=5e-4, warmup=1000, eval_every=2000, ckpt_every=2000)},
     "tiny": {"m_A": dict(steps=30, batch_size=16, lr=3e-3, warmup=5, eval_samples=16),
@@ -73,8 +74,15 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
     dataset = BASE_DATA[role]
     params = dict(model.named_parameters())
 
+    spelling = role == "m_B" and task.cfg.operand_tokens
+
     def step_loss(step, micro):
-        ex = task.sample(dataset, "all", tcfg.batch_size, f"train-{tcfg.seed}-{step}-{micro}")
+        seed = f"train-{tcfg.seed}-{step}-{micro}"
+        if spelling:  # a quarter of m_B's batch: how each number token is written in digits
+            k = tcfg.batch_size // 4
+            ex = task.sample(dataset, "all", tcfg.batch_size - k, seed) + task.sample_spelling(k, seed)
+        else:
+            ex = task.sample(dataset, "all", tcfg.batch_size, seed)
         tokens, mask, _ = collate(ex, task.tok.pad_id)
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast_ctx(tcfg.bf16, device):
@@ -89,7 +97,8 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
 
     checkpoint.save_json(out_dir / f"{role}.config.json", mcfg.to_dict())
     checkpoint.save_json(out_dir / f"{role}.train.json", {"train": tcfg.to_dict(), "task": task.cfg.to_dict(),
-                                                          "data": dataset, "split": "all"})
+                                                          "data": dataset + (" + number_spelling (1/4 of each batch)"
+                                                                             if spelling else ""), "split": "all"})
     t0 = time.perf_counter()
     fit(params, step_loss, tcfg, out_dir / f"{role}_run", ev, desc=f"train {role}", resume=resume,
         modules=[model])

@@ -54,6 +54,22 @@ def test_tokenizer_round_trip_and_lsd_first():
         tok.encode("12 + zzzzzzzzz =")
 
 
+def test_operand_tokens_and_padded_digits():
+    """CPU default: numbers left of '=' are single tokens (aligned with single-token keys),
+    answers are zero-padded LSD-first digits; display text is ordinary."""
+    t = KVArith()
+    tok = t.tok
+    ids = tok.encode("12 + 7 = 19")
+    assert ids == [tok.stoi["<12>"], tok.stoi["+"], tok.stoi["<7>"], tok.eq_id, tok.stoi["9"], tok.stoi["1"]]
+    assert tok.decode(ids) == "12 + 7 = 19"
+    assert tok.encode("= 5")[1:] == [tok.stoi["5"], tok.stoi["0"]]  # padded to 2 digits
+    num = t.sample("numeric_arithmetic", "all", 5, 0)
+    kv = t.sample("kv_arithmetic", "all", 5, 0)
+    assert all(len(a.prompt) == len(b.prompt) == 5 for a, b in zip(num, kv))  # same layout, position by position
+    for e in t.sample("kv_substitution", "all", 5, 0):
+        assert all(tok.itos[i].isdigit() or tok.itos[i] in "+-<eos>" for i in e.answer)
+
+
 def test_expression_precedence():
     assert evaluate_expression([10, 14, 2], ["+", "*"]) == 38  # the paper's x1 + x8 * xn = 38
     assert evaluate_expression([10, 22, 24], ["+", "-"]) == 8

@@ -36,14 +36,16 @@ DATASETS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
 @dataclass
 class TaskConfig:
     """The task's scale. The CPU default is scaled down from the paper (see docs/kv_arith.md):
-    200 keys (paper 25K), 2 operands (paper 3-6), + and - (paper +, -, x), non-negative
-    results."""
-    n_kv: int = 200
+    99 keys (paper 25K), 2 operands (paper 3-6), + and - (paper +, -, x), non-negative
+    results, numbers zero-padded to 2 digits."""
+    n_kv: int = 99
     min_operands: int = 2
     max_operands: int = 2
     operators: str = "+-"
     held_in_fraction: float = 0.2
     allow_negative: bool = False
+    digits: int = 2          # > 0: every number zero-padded to this many digits (0 = natural width)
+    operand_tokens: bool = True  # numbers left of "=" are single tokens (like keys); answers are digits
     seed: int = 0
 
     def __post_init__(self):
@@ -71,8 +73,8 @@ class TaskConfig:
 SCALES = {
     "cpu": TaskConfig(),
     "paper": TaskConfig(n_kv=25_000, min_operands=3, max_operands=6, operators="+-*",
-                        allow_negative=True),
-    "tiny": TaskConfig(n_kv=20, min_operands=2, max_operands=2, operators="+"),
+                        allow_negative=True, digits=0, operand_tokens=False),
+    "tiny": TaskConfig(n_kv=20, min_operands=2, max_operands=2, operators="+", digits=2),
 }
 
 
@@ -94,8 +96,9 @@ class Tokenizer:
     Text is whitespace-separated words; a number word becomes its digits LSD-first (and a
     trailing sign token if negative); decode turns them back into ordinary numbers."""
 
-    def __init__(self, keys: list[str]):
-        self.itos = list(SPECIALS) + list(keys)
+    def __init__(self, keys: list[str], digits: int = 0, number_tokens: int = 0):
+        self.digits, self.number_tokens = digits, number_tokens
+        self.itos = list(SPECIALS) + [f"<{n}>" for n in range(number_tokens)] + list(keys)
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("duplicate tokens in the vocabulary")
@@ -103,7 +106,7 @@ class Tokenizer:
         self.eq_id = self.stoi["="]
         self.digit_ids = {self.stoi[str(d)] for d in range(10)}
         self.n_keys = len(keys)
-        self.first_key_id = len(SPECIALS)
+        self.first_key_id = len(SPECIALS) + number_tokens
 
     @property
     def vocab_size(self) -> int:
@@ -113,14 +116,22 @@ class Tokenizer:
         return token_id >= self.first_key_id
 
     def encode_number(self, n: int) -> list[int]:
-        ids = [self.stoi[c] for c in reversed(str(abs(n)))]
+        ids = [self.stoi[c] for c in reversed(str(abs(n)).zfill(self.digits))]
         return ids + [self.stoi["-"]] if n < 0 else ids
 
     def encode(self, text: str) -> list[int]:
-        ids = []
+        """Numbers left of the first "=" are single number tokens when the vocabulary has them
+        (operand tokens); everywhere else they are digits, LSD-first."""
+        ids, lhs = [], True
         for w in text.split():
+            if w == "=":
+                lhs = False
             if w.lstrip("-").isdigit() and w not in ("-",):
-                ids += self.encode_number(int(w))
+                n = int(w)
+                if lhs and 0 <= n < self.number_tokens:
+                    ids.append(self.stoi[f"<{n}>"])
+                else:
+                    ids += self.encode_number(n)
             elif w in self.stoi:
                 ids.append(self.stoi[w])
             else:
@@ -133,7 +144,7 @@ class Tokenizer:
 
         def flush(neg=False):
             if digits:
-                words.append(("-" if neg else "") + "".join(reversed(digits)))
+                words.append(("-" if neg else "") + str(int("".join(reversed(digits)))))
                 digits.clear()
 
         ids = [int(i) for i in ids]
@@ -143,6 +154,9 @@ class Tokenizer:
             s = self.itos[i]
             if s.isdigit():
                 digits.append(s)
+            elif s.startswith("<") and s[1:-1].isdigit():
+                flush()
+                words.append(s[1:-1])
             elif s == "-" and digits and (j + 1 == len(ids) or self.itos[ids[j + 1]] in ("=", EOS, PAD)):
                 flush(neg=True)  # a trailing sign after a number's digits
             else:
@@ -191,7 +205,7 @@ class KVArith:
         random.Random(f"split-{c.seed}").shuffle(order)
         n_in = max(1, round(c.held_in_fraction * c.n_kv))
         self.held_in, self.held_out = sorted(order[:n_in]), sorted(order[n_in:])
-        self.tok = Tokenizer(self.keys)
+        self.tok = Tokenizer(self.keys, c.digits, c.n_kv + 1 if c.operand_tokens else 0)
 
     # ---- expressions ------------------------------------------------------------------------
     def sample_expression(self, rng: random.Random, keys: list[str]) -> tuple[list[str], list[str], int]:
@@ -215,8 +229,20 @@ class KVArith:
         else:
             raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
         t = self.tok
-        return Example([t.bos_id] + t.encode(lhs) + [t.eq_id], t.encode(rhs) + [t.eos_id],
+        return Example([t.bos_id] + t.encode(lhs) + [t.eq_id], t.encode("= " + rhs)[1:] + [t.eos_id],
                        f"{lhs} = {rhs}", result)
+
+    def sample_spelling(self, n: int, seed) -> list[Example]:
+        """'<37> =' -> '37' in digits: how each number token is written. m_B learns it beside
+        arithmetic (a pretrained LM knows how its number tokens are spelled); no key token."""
+        rng = random.Random(f"spelling-{seed}")
+        t = self.tok
+        out = []
+        for _ in range(n):
+            v = rng.randint(0, self.cfg.n_kv)
+            out.append(Example([t.bos_id] + t.encode(str(v)) + [t.eq_id], t.encode(f"= {v}")[1:] + [t.eos_id],
+                               f"{v} = {v}", v))
+        return out
 
     def split_keys(self, split: str) -> list[str]:
         if split == "held_in":
@@ -237,14 +263,15 @@ class KVArith:
 
     def max_answer_len(self, dataset: str) -> int:
         c = self.cfg
+        width = max(len(str(c.n_kv)), c.digits)
         if dataset == "kv_substitution":
-            return c.max_operands * len(str(c.n_kv)) + c.max_operands - 1 + 1
+            return c.max_operands * width + c.max_operands - 1 + 1
         big = c.n_kv ** c.max_operands if "*" in c.operators else c.n_kv * c.max_operands
-        return len(str(big)) + 2  # digits, sign, <eos>
+        return max(len(str(big)), c.digits) + 2  # digits, sign, <eos>
 
     def max_seq_len(self) -> int:
         c = self.cfg
-        prompt = 2 + c.max_operands * len(str(c.n_kv)) + c.max_operands - 1
+        prompt = 2 + c.max_operands * max(len(str(c.n_kv)), c.digits) + c.max_operands - 1
         return prompt + max(self.max_answer_len(d) for d in DATASETS)
 
 

@@ -1,0 +1,59 @@
+"""The calm-fast command: --help everywhere, clear one-line errors, generate on tiny bases."""
+import subprocess
+import sys
+
+import pytest
+
+from calm_fast.cli import main
+
+SUBCOMMANDS = ("demo", "train-bases", "train", "eval", "generate", "export")
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: calm-fast " + sub in out and "--seed" in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(s in out for s in SUBCOMMANDS)
+
+
+def test_bad_argument_is_one_line_without_traceback():
+    r = subprocess.run([sys.executable, "-m", "calm_fast.cli", "demo", "--seeds", "one,two"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--seeds must be comma-separated ints" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_runtime_error_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--bases", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no base models in" in err and "Traceback" not in err and err.count("\n") == 1
+    cfg = tmp_path / "job.json"
+    cfg.write_text('{"job": "dance", "out": "x"}')
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "'job' must be 'base' or 'compose'" in capsys.readouterr().err
+
+
+def test_export_without_the_onnx_module_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "calm_fast.export_onnx", None)  # import fails
+    assert main(["export", "--bridges", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "ONNX export is not available" in capsys.readouterr().err
+
+
+def test_generate_with_tiny_bases(tmp_path, capsys):
+    assert main(["train-bases", "--scale", "tiny", "--out", str(tmp_path), "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "3 + 4 =", "--bases", str(tmp_path), "--model", "m_B", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 + 4 =")
+    assert main(["generate", "3 + ??? =", "--bases", str(tmp_path)]) == 2
+    assert "unknown word" in capsys.readouterr().err
