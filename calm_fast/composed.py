@@ -261,8 +261,10 @@ class CALMSession:
                         self.bridge_caches[a][k].append(states[a][aug_layer], 0)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, pos: int) -> torch.Tensor:
-        """Feed the newest tokens (B, T) at cache position `pos`; logits (B, T, vocab)."""
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, pos: int,
+             validate: bool = True) -> torch.Tensor:
+        """Feed the newest tokens (B, T) at cache position `pos`; logits (B, T, vocab).
+        validate=False skips the input checks (generate's own sampled tokens need none)."""
         calm = self.calm
         aligned = calm.mode == "aligned"
         states = None
@@ -271,7 +273,7 @@ class CALMSession:
             for a, aug in enumerate(calm.augments):
                 taps = calm._taps(a)
                 _, tapped = aug(tokens, attention_mask, cache=self.aug_caches[a], pos=pos, taps=set(taps),
-                                stop_after=taps[-1])
+                                stop_after=taps[-1], validate=validate)
                 states.append(tapped)
         t = tokens.shape[1]
         backend = calm.backend
@@ -297,4 +299,5 @@ class CALMSession:
             return f
 
         after = {layer: inject(e) for layer, e in self.table.items()}
-        return calm.anchor(tokens, attention_mask, cache=self.anchor_cache, pos=pos, after_block=after)
+        return calm.anchor(tokens, attention_mask, cache=self.anchor_cache, pos=pos, after_block=after,
+                           validate=validate)

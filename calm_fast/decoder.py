@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x):  # by hand, not F.rms_norm: ONNX opset 18 has no RMSNormalization
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -98,10 +98,8 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn_mask, is_causal = mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -146,19 +144,22 @@ def positions_from_mask(attention_mask: torch.Tensor | None, b: int, t: int, pos
 
 
 def self_attention_mask(attention_mask: torch.Tensor | None, t: int, pos: int,
-                        device) -> torch.Tensor | None:
-    """(B, 1, T, pos+T) bool: causal and not padded. None = plain causal (SDPA's fast path).
-    Each query may always see itself, so a padded query row is never empty (no NaN); real
-    tokens never see padded keys."""
+                        device) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for SDPA. The mask is (B, 1, T, pos+T) bool: causal and not padded.
+    Without padding no mask is built: a prefill is plain causal, and one new token sees the
+    whole cache. Each query may always see itself, so a padded query row is never empty (no
+    NaN); real tokens never see padded keys."""
     if attention_mask is None and pos == 0:
-        return None
+        return None, True
+    if attention_mask is None and t == 1:
+        return None, False
     s = pos + t
     i = torch.arange(pos, s, device=device)[:, None]
     j = torch.arange(s, device=device)[None, :]
     allowed = (j <= i)[None, None]
     if attention_mask is not None:
         allowed = (allowed & attention_mask[:, None, None, :s]) | (j == i)[None, None]
-    return allowed
+    return allowed, False
 
 
 class Decoder(nn.Module):

@@ -64,8 +64,8 @@ class _DecoderSession:
         self.cache = model.setup_cache(batch, max_len)
 
     @torch.no_grad()
-    def step(self, tokens, attention_mask, pos):
-        return self.model(tokens, attention_mask, cache=self.cache, pos=pos)
+    def step(self, tokens, attention_mask, pos, validate=True):
+        return self.model(tokens, attention_mask, cache=self.cache, pos=pos, validate=validate)
 
 
 def stream(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
@@ -113,7 +113,7 @@ def stream(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, to
             return
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-        logits = session.step(nxt[:, None], attention_mask, pos)[:, -1]
+        logits = session.step(nxt[:, None], attention_mask, pos, validate=False)[:, -1]
         pos += 1
 
 

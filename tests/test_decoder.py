@@ -264,7 +264,7 @@ def test_eos_stops_generation():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative int, got -1"),
-    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0, got -0.5"),
     (dict(top_k=0), "top_k must be a positive int or None, got 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\] or None, got 0.0"),
     (dict(eos_id=VOCAB), f"eos_id {VOCAB} is out of range"),

@@ -1,7 +1,8 @@
 """The bridge's fused projection + cross-attention, behind one dispatch point.
 
-Backends: "reference" (eager PyTorch, ops/reference.py), "cpp" (C++ CPU kernels in
-calm_fast._C), "cuda" (CUDA kernels in calm_fast._C), "triton" (Triton kernels).
+Backends: "reference" (eager PyTorch, ops/reference.py: the ground truth), "sdpa" (torch's
+fused scaled_dot_product_attention with the same semantics), "cpp" (C++ CPU kernels in
+calm_fast._C), "cuda" (CUDA kernels in calm_fast._C_cuda), "triton" (Triton kernels).
 "auto" picks, per operation, the fastest backend that runs on the inputs' device.
 
 A backend is a module exposing
@@ -21,15 +22,16 @@ import torch
 from . import reference
 from .reference import MASKS, fold_projection, merge_heads, project_kv, split_heads
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
-_MODULES = {"reference": "calm_fast.ops.reference_backend", "cpp": "calm_fast.ops.native",
+BACKENDS = ("reference", "sdpa", "cpp", "cuda", "triton")
+_MODULES = {"reference": "calm_fast.ops.reference_backend", "sdpa": "calm_fast.ops.sdpa_backend",
+            "cpp": "calm_fast.ops.native",
             "cuda": "calm_fast.ops.native", "triton": "calm_fast.ops.triton_xattn"}
 # Preference order of "auto", fastest first, per device type (set by bench/ results).
 _AUTO = {
-    "cuda": {"cross_attention": ("triton", "cuda", "reference"),
-             "bridge_decode_step": ("cuda", "triton", "reference")},
-    "cpu": {"cross_attention": ("reference",),
-            "bridge_decode_step": ("cpp", "reference")},
+    "cuda": {"cross_attention": ("triton", "cuda", "sdpa"),
+             "bridge_decode_step": ("cuda", "triton", "sdpa")},
+    "cpu": {"cross_attention": ("sdpa",),
+            "bridge_decode_step": ("cpp", "sdpa")},
 }
 _loaded: dict[str, ModuleType | None] = {}
 

@@ -114,6 +114,13 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
     key_padding_mask (B, S) bool over cache rows, True = keep.
     Returns h_b + W_o attn, (B, 1, D_B).
     """
+    return decode_step_with(cross_attention, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                            key_padding_mask)
+
+
+def decode_step_with(attend, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                     key_padding_mask):
+    """bridge_decode_step with `attend` (a cross_attention) as its attention."""
     d_b = h_b.shape[-1]
     n = pos
     if h_a is not None:
@@ -123,5 +130,5 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
         n = pos + 1
     q = split_heads(torch.nn.functional.linear(h_b, w_q), n_heads)
     kpm = None if key_padding_mask is None else key_padding_mask[:, :n]
-    attn = cross_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], "context", kpm)
+    attn = attend(q, k_cache[:, :, :n], v_cache[:, :, :n], "context", kpm)
     return h_b + torch.nn.functional.linear(merge_heads(attn), w_o)
