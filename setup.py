@@ -101,7 +101,10 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce exactly one {leaf} module in {out_dir}: {built}")
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built[0], dest)
+        # Copy then rename: overwriting a loaded .so in place would crash running processes.
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(built[0], tmp)
+        os.replace(tmp, dest)
 
 
 extensions = [CMakeExtension("calm_fast._C")]

@@ -13,7 +13,7 @@
 namespace cf {
 namespace CF_ISA_NS {
 
-constexpr int kBQ = 32;  // query rows per work item
+constexpr int kBQ = 64;  // query rows per work item
 constexpr int kBK = 64;  // key rows per tile
 
 template <typename T>
@@ -35,30 +35,35 @@ struct KeyTile {
   explicit KeyTile(int64_t D) : kt(D * kBK), kr(kBK * D), vt(D * kBK), vr(kBK * D) {}
   bool ok() const { return kt.ok() && kr.ok() && vt.ok() && vr.ok(); }
 
-  void load(const AttnParams& p, int64_t b, int64_t h, int64_t j0, bool need_vt) {
+  // need_bwd: also the transposed V tile (vt) the backward's dO·v dot products read.
+  void load(const AttnParams& p, int64_t b, int64_t h, int64_t j0, bool need_bwd) {
     const int64_t D = p.D;
     n = int(imin(kBK, p.Tk - j0));
     for (int jj = 0; jj < kBK; ++jj) {
-      if (jj < n) {
-        valid[jj] = (p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j0 + jj) * p.skpm[1]]) ? A(1) : A(0);
-      } else {
-        valid[jj] = A(0);
-      }
+      valid[jj] = (jj < n && (p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j0 + jj) * p.skpm[1]])) ? A(1) : A(0);
+      A* krow = &kr[jj * D];
+      A* vrow = &vr[jj * D];
       if (valid[jj] != A(0)) {
         const T* kp = row_ptr<T>(p.k, p.sk, b, h, j0 + jj);
         const T* vp = row_ptr<T>(p.v, p.sv, b, h, j0 + jj);
-        A* krow = &kr[jj * D];
-        A* vrow = &vr[jj * D];
         for (int64_t d = 0; d < D; ++d) krow[d] = to_acc(kp[d]);
         for (int64_t d = 0; d < D; ++d) vrow[d] = to_acc(vp[d]);
       } else {  // padding (or past Tk): zeros, so inf/NaN there cannot leak through 0 * inf
-        for (int64_t d = 0; d < D; ++d) kr[jj * D + d] = A(0);
-        for (int64_t d = 0; d < D; ++d) vr[jj * D + d] = A(0);
+        for (int64_t d = 0; d < D; ++d) krow[d] = A(0);
+        for (int64_t d = 0; d < D; ++d) vrow[d] = A(0);
       }
-      for (int64_t d = 0; d < D; ++d) kt[d * kBK + jj] = kr[jj * D + d];
-      if (need_vt)
-        for (int64_t d = 0; d < D; ++d) vt[d * kBK + jj] = vr[jj * D + d];
     }
+    transpose(kr.data(), D, kt.data());
+    if (need_bwd) transpose(vr.data(), D, vt.data());
+  }
+
+  // t (D x kBK) = r (kBK x D)^T, in 16 x 16 blocks so both sides stay in L1 lines.
+  static void transpose(const A* __restrict r, int64_t D, A* __restrict t) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16)
+      for (int j0 = 0; j0 < kBK; j0 += 16)
+        for (int64_t d = d0; d < imin(D, d0 + 16); ++d)
+#pragma omp simd
+          for (int jj = j0; jj < j0 + 16; ++jj) t[d * kBK + jj] = r[jj * D + d];
   }
 };
 
