@@ -28,6 +28,39 @@ inline A dot(const T* __restrict w, const A* __restrict x, int64_t n) {
   return acc;
 }
 
+// out[b] = w · x[b * ldx : ...] for b < NB: the weight row is loaded and converted once for
+// the whole batch (at batch > 1, re-converting bf16 weights per row costs more than the bytes).
+template <int NB, typename T, typename A>
+inline void dot_nb(const T* __restrict w, const A* __restrict x, int64_t ldx, int64_t n, A* out) {
+  constexpr int L = 16;
+  A part[NB][L];
+  for (int b = 0; b < NB; ++b)
+    for (int l = 0; l < L; ++l) part[b][l] = A(0);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    A wf[L];
+    for (int l = 0; l < L; ++l) wf[l] = to_acc(w[i + l]);
+    for (int b = 0; b < NB; ++b)
+      for (int l = 0; l < L; ++l) part[b][l] += wf[l] * x[b * ldx + i + l];
+  }
+  for (int b = 0; b < NB; ++b) {
+    A acc = 0;
+    for (int64_t k = i; k < n; ++k) acc += to_acc(w[k]) * x[b * ldx + k];
+    for (int l = 0; l < L; ++l) acc += part[b][l];
+    out[b] = acc;
+  }
+}
+
+template <typename T, typename A>
+inline void dot_batch(const T* w, const A* x, int64_t ldx, int nb, int64_t n, A* out) {
+  switch (nb) {
+    case 1: out[0] = dot(w, x, n); break;
+    case 2: dot_nb<2>(w, x, ldx, n, out); break;
+    case 3: dot_nb<3>(w, x, ldx, n, out); break;
+    default: dot_nb<4>(w, x, ldx, n, out); break;
+  }
+}
+
 template <typename T>
 bool decode_impl(const DecodeParams& p, int nthreads) {
   using A = typename acc_of<T>::type;
@@ -53,16 +86,26 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
     for (int64_t r = 0; r < rows1; ++r) {
       if (r < DB) {
         const T* w = static_cast<const T*>(p.w_q) + r * p.swq;
-        for (int64_t b = 0; b < B; ++b) q[b * DB + r] = dot(w, &hb[b * DB], DB) * scale;
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+          A res[4];
+          const int nb = int(imin(4, B - b0));
+          dot_batch(w, &hb[b0 * DB], DB, nb, DB, res);
+          for (int bb = 0; bb < nb; ++bb) q[(b0 + bb) * DB + r] = res[bb] * scale;
+        }
       } else {
         const int64_t rr = r - DB, c = rr % DB, head = c / D, d = c % D;
         const T* w = static_cast<const T*>(p.w_kv) + rr * p.swkv;
         const A bias = to_acc(static_cast<const T*>(p.b_kv)[rr * p.sbkv]);
         void* cache = rr < DB ? p.kc : p.vc;
         const int64_t* cs = rr < DB ? p.skc : p.svc;
-        for (int64_t b = 0; b < B; ++b) {
-          T* dst = static_cast<T*>(cache) + b * cs[0] + head * cs[1] + p.pos * cs[2] + d;
-          *dst = from_acc<T>(dot(w, &ha[b * DA], DA) + bias);
+        for (int64_t b0 = 0; b0 < B; b0 += 4) {
+          A res[4];
+          const int nb = int(imin(4, B - b0));
+          dot_batch(w, &ha[b0 * DA], DA, nb, DA, res);
+          for (int bb = 0; bb < nb; ++bb) {
+            T* dst = static_cast<T*>(cache) + (b0 + bb) * cs[0] + head * cs[1] + p.pos * cs[2] + d;
+            *dst = from_acc<T>(res[bb] + bias);
+          }
         }
       }
     }
@@ -111,9 +154,14 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < DB; ++r) {
       const T* w = static_cast<const T*>(p.w_o) + r * p.swo;
-      for (int64_t b = 0; b < B; ++b) {
-        T* dst = static_cast<T*>(p.out) + b * p.sout + r;
-        *dst = from_acc<T>(hb[b * DB + r] + dot(w, &attn[b * DB], DB));
+      for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        A res[4];
+        const int nb = int(imin(4, B - b0));
+        dot_batch(w, &attn[b0 * DB], DB, nb, DB, res);
+        for (int bb = 0; bb < nb; ++bb) {
+          const int64_t b = b0 + bb;
+          static_cast<T*>(p.out)[b * p.sout + r] = from_acc<T>(hb[b * DB + r] + res[bb]);
+        }
       }
     }
   }
