@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import load_json, save_json
 
-PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+PAD, BOS, EOS, SLOT = "<pad>", "<bos>", "<eos>", "_"
 OPERATORS = ("+", "-", "*")
 SPECIALS = (PAD, BOS, EOS, "=", "+", "-", "*") + tuple(str(d) for d in range(10))
 DATASETS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
@@ -45,7 +45,9 @@ class TaskConfig:
     held_in_fraction: float = 0.2
     allow_negative: bool = False
     digits: int = 2          # > 0: every number zero-padded to this many digits (0 = natural width)
-    operand_tokens: bool = True  # numbers left of "=" are single tokens (like keys); answers are digits
+    operand_tokens: bool = False  # numbers left of "=" are single tokens (like keys); answers are digits
+    key_slots: bool = True   # each key is followed by (digits - 1) placeholder tokens "_", so a key
+                             # and a number take the same positions (the key itself is one token)
     seed: int = 0
 
     def __post_init__(self):
@@ -73,7 +75,7 @@ class TaskConfig:
 SCALES = {
     "cpu": TaskConfig(),
     "paper": TaskConfig(n_kv=25_000, min_operands=3, max_operands=6, operators="+-*",
-                        allow_negative=True, digits=0, operand_tokens=False),
+                        allow_negative=True, digits=0, operand_tokens=False, key_slots=False),
     "tiny": TaskConfig(n_kv=20, min_operands=2, max_operands=2, operators="+", digits=2),
 }
 
@@ -96,9 +98,10 @@ class Tokenizer:
     Text is whitespace-separated words; a number word becomes its digits LSD-first (and a
     trailing sign token if negative); decode turns them back into ordinary numbers."""
 
-    def __init__(self, keys: list[str], digits: int = 0, number_tokens: int = 0):
-        self.digits, self.number_tokens = digits, number_tokens
-        self.itos = list(SPECIALS) + [f"<{n}>" for n in range(number_tokens)] + list(keys)
+    def __init__(self, keys: list[str], digits: int = 0, number_tokens: int = 0, key_slots: int = 0):
+        self.digits, self.number_tokens, self.key_slots = digits, number_tokens, key_slots
+        self.itos = list(SPECIALS) + [f"<{n}>" for n in range(number_tokens)] + \
+            ([SLOT] if key_slots else []) + list(keys)
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("duplicate tokens in the vocabulary")
@@ -106,7 +109,7 @@ class Tokenizer:
         self.eq_id = self.stoi["="]
         self.digit_ids = {self.stoi[str(d)] for d in range(10)}
         self.n_keys = len(keys)
-        self.first_key_id = len(SPECIALS) + number_tokens
+        self.first_key_id = len(SPECIALS) + number_tokens + (1 if key_slots else 0)
 
     @property
     def vocab_size(self) -> int:
@@ -132,8 +135,10 @@ class Tokenizer:
                     ids.append(self.stoi[f"<{n}>"])
                 else:
                     ids += self.encode_number(n)
-            elif w in self.stoi:
+            elif w in self.stoi and w != SLOT:
                 ids.append(self.stoi[w])
+                if self.key_slots and self.stoi[w] >= self.first_key_id:
+                    ids += [self.stoi[SLOT]] * self.key_slots
             else:
                 raise ValueError(f"unknown word {w!r}: not a number, operator, special or key")
         return ids
@@ -161,7 +166,7 @@ class Tokenizer:
                 flush(neg=True)  # a trailing sign after a number's digits
             else:
                 flush()
-                if s != PAD:
+                if s not in (PAD, SLOT):
                     words.append(s)
         flush()
         return " ".join(words)
@@ -205,7 +210,8 @@ class KVArith:
         random.Random(f"split-{c.seed}").shuffle(order)
         n_in = max(1, round(c.held_in_fraction * c.n_kv))
         self.held_in, self.held_out = sorted(order[:n_in]), sorted(order[n_in:])
-        self.tok = Tokenizer(self.keys, c.digits, c.n_kv + 1 if c.operand_tokens else 0)
+        self.tok = Tokenizer(self.keys, c.digits, c.n_kv + 1 if c.operand_tokens else 0,
+                             max(0, c.digits - 1) if c.key_slots else 0)
 
     # ---- expressions ------------------------------------------------------------------------
     def sample_expression(self, rng: random.Random, keys: list[str]) -> tuple[list[str], list[str], int]:
