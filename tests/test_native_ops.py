@@ -435,3 +435,16 @@ def test_visible_nan_value_with_underflowed_weight_gives_nan():
     out = native.bridge_decode_step(h_b, None, torch.tensor([[24.0983]]), None, None, torch.eye(1),
                                     k.clone(), v.clone(), 6, 1, kpm)
     assert out.isnan().all()
+
+
+def test_allowed_keys_with_all_scores_neginf_give_nan_not_empty():
+    # Emptiness is the mask's alone (reference.py): infinite inputs that make every allowed
+    # score -inf give NaN like softmax, while a row the mask leaves no key gives 0.
+    q = torch.tensor([[[[float("inf")]]]])
+    k = torch.tensor([-1.0, -2.0]).view(1, 1, 2, 1)
+    v = torch.tensor([2.0, 4.0]).view(1, 1, 2, 1)
+    assert native.cross_attention(q, k, v, "context").isnan().all()
+    assert (native.cross_attention(q, k, v, "context", torch.tensor([[False, False]])) == 0).all()
+    step = native.bridge_decode_step(torch.zeros(1, 1, 1), None, torch.tensor([[float("inf")]]), None, None,
+                                     torch.eye(1), k.clone(), v.clone(), 2, 1)
+    assert step.isnan().all()

@@ -126,6 +126,7 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
     KeyTile<T, A> tile(D);
     Buf<A> qf(kBQ * D), acc(kBQ * D), sb(kRows * kBK);
     A m[kBQ], l[kBQ];
+    bool seen[kBQ];  // the mask lets the row see at least one key (else it is "empty": 0)
     const bool ok = tile.ok() && qf.ok() && acc.ok() && sb.ok();
     if (!ok) {
 #pragma omp atomic write
@@ -140,6 +141,7 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
       for (int r = 0; r < kBQ; ++r) {
         m[r] = neg_inf<A>();
         l[r] = A(0);
+        seen[r] = false;
       }
       for (int r = 0; r < nq; ++r) {
         const T* qp = row_ptr<T>(p.q, p.sq, b, h, i0 + r);
@@ -164,12 +166,15 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
             if (lim < 0 || m[r] != m[r]) continue;  // sees nothing here, or already NaN
             // Branch-free selects so the loops vectorise. A NaN score poisons the row (as
             // in the reference: softmax over a NaN is NaN); masked keys never reach sums.
-            int bad = 0;
-#pragma omp simd reduction(| : bad)
+            int bad = 0, any = 0;
+#pragma omp simd reduction(| : bad, any)
             for (int jj = 0; jj < kBK; ++jj) {
-              s[jj] = ((tile.valid[jj] != A(0)) & (jj <= lim) & (jj < glim)) ? s[jj] : neg_inf<A>();
+              const int allowed = (tile.valid[jj] != A(0)) & (jj <= lim) & (jj < glim);
+              s[jj] = allowed ? s[jj] : neg_inf<A>();
               bad |= s[jj] != s[jj];
+              any |= allowed;
             }
+            seen[r] = seen[r] || any;
             if (bad) {
               m[r] = l[r] = std::numeric_limits<A>::quiet_NaN();
               continue;
@@ -197,8 +202,10 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
       }
       for (int r = 0; r < nq; ++r) {
         T* op = row_ptr_mut<T>(p.out, p.so, b, h, i0 + r);
-        // l > 0: normal row; l == 0: saw nothing (0, lse -inf); l NaN: poisoned (NaN).
+        // l > 0: normal row; l == 0: the mask left it no key (0, lse -inf), or its allowed
+        // scores were all -inf from infinite inputs (NaN, as softmax); l NaN: poisoned (NaN).
         const A nan = std::numeric_limits<A>::quiet_NaN();
+        if (l[r] == A(0) && seen[r]) l[r] = nan;
         const A inv = l[r] > A(0) ? A(1) / l[r] : (l[r] == A(0) ? A(0) : nan);
         for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(acc[r * D + d] * inv);
         A* lp = row_ptr_mut<A>(p.lse, p.sl, b, h, i0 + r);

@@ -126,14 +126,16 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
       const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
       const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
       A mx = neg_inf<A>();
-      bool bad = false;
+      bool bad = false, any = false;
       for (int64_t j = 0; j < n; ++j) {
         const bool keep = p.kpm == nullptr || p.kpm[b * p.skpm[0] + j * p.skpm[1]];
+        any |= keep;
         s[j] = keep ? dot(kb + j * p.skc[2], qh, D) : neg_inf<A>();
         bad |= s[j] != s[j];
         mx = mx > s[j] ? mx : s[j];
       }
-      if (bad) {  // a NaN score makes the softmax NaN, as in the reference
+      if (bad || (any && mx == neg_inf<A>())) {  // NaN score, or every allowed score -inf:
+                                                 // softmax gives NaN, as in the reference
         for (int64_t d = 0; d < D; ++d) y[d] = std::numeric_limits<A>::quiet_NaN();
         continue;
       }

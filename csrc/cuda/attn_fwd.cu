@@ -48,9 +48,10 @@ __global__ void __launch_bounds__(128) attn_fwd_generic(AttnParams p) {
   }
   const int64_t jend = min(p.Tk, last_key(p, i) + 1);
   float m = -INFINITY, l = 0.f;
-  bool bad = false;
+  bool bad = false, seen = false;
   for (int64_t j = 0; j < jend; ++j) {
     if (!key_kept(p, b, j)) continue;  // uniform across the warp
+    seen = true;
     const T* kr = kb + j * p.sk[2];
     float part = 0.f;
 #pragma unroll
@@ -72,6 +73,7 @@ __global__ void __launch_bounds__(128) attn_fwd_generic(AttnParams p) {
     }
     m = m_new;
   }
+  bad |= seen && l == 0.f;  // allowed keys, all scores -inf: NaN as softmax (not "empty")
   const float inv = bad ? NAN : (l > 0.f ? 1.f / l : 0.f);
   T* op = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
 #pragma unroll
@@ -94,7 +96,7 @@ template <int D> struct Smem {
   static constexpr int s_floats = kWarpsW * 16 * LDS, p_elems = kWarpsW * 16 * LDP;
   static constexpr int o_floats = kWarpsW * 16 * LDO;
   static constexpr size_t bytes = size_t(q_elems + kv_elems + p_elems) * 2 +
-                                  size_t(s_floats + o_floats + 3 * kBQ) * 4;
+                                  size_t(s_floats + o_floats + 4 * kBQ) * 4;
 };
 
 // Copy rows [row0, row0 + 64) of one head into a padded shared tile (ld = LDT); rows that
@@ -135,6 +137,7 @@ __global__ void __launch_bounds__(128) attn_fwd_wmma(AttnParams p, bool vq, bool
   float* st_m = Os + S::o_floats;
   float* st_l = st_m + kBQ;
   float* st_a = st_l + kBQ;
+  float* st_seen = st_a + kBQ;  // 1 once the mask has let the row see a key
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t b = blockIdx.z, h = blockIdx.y, q0 = int64_t(blockIdx.x) * kBQ;
@@ -151,6 +154,7 @@ __global__ void __launch_bounds__(128) attn_fwd_wmma(AttnParams p, bool vq, bool
   if (threadIdx.x < kBQ) {
     st_m[threadIdx.x] = -INFINITY;
     st_l[threadIdx.x] = 0.f;
+    st_seen[threadIdx.x] = 0.f;
   }
   const int64_t q_last = min(p.Tq - 1, q0 + kBQ - 1);
   const int64_t kend = min(p.Tk, last_key(p, q_last) + 1);
@@ -181,15 +185,17 @@ __global__ void __launch_bounds__(128) attn_fwd_wmma(AttnParams p, bool vq, bool
       const int64_t i = q0 + row;
       const int64_t lim = (i < p.Tq ? last_key(p, i) : -1) - j0;
       float sv[2];
-      bool bad = false;
+      bool bad = false, any = false;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int c = lane + 32 * u;
         const bool ok = c <= lim && j0 + c < p.Tk && key_kept(p, b, j0 + c);
         sv[u] = ok ? Sw[r * S::LDS + c] * scale : -INFINITY;
         bad |= sv[u] != sv[u];
+        any |= ok;
       }
       bad = __any_sync(0xffffffffu, bad);
+      if (__any_sync(0xffffffffu, any) && lane == 0) st_seen[row] = 1.f;
       const float m_old = st_m[row];
       const float mx = warp_max(fmaxf(sv[0], sv[1]));
       float alpha = 1.f, pr[2] = {0.f, 0.f};
@@ -246,7 +252,8 @@ __global__ void __launch_bounds__(128) attn_fwd_wmma(AttnParams p, bool vq, bool
     const int row = warp * 16 + r;
     const int64_t i = q0 + row;
     if (i >= p.Tq) break;
-    const float l = st_l[row], m = st_m[row];
+    const float m = st_m[row];
+    const float l = (st_l[row] == 0.f && st_seen[row] != 0.f) ? NAN : st_l[row];  // all -inf: NaN
     const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : NAN);
     T* op = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
     for (int d = lane; d < D; d += 32) op[d] = from_f<T>(Ow[r * S::LDO + d] * inv);

@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
     const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
     const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
     float mx = ninf;
-    bool bad = false;
+    bool bad = false, any = false;
     for (int64_t j = j0; j < j1; j += 4) {  // four rows' loads in flight
       float sc[4];
 #pragma unroll
@@ -188,6 +188,7 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
         float s = warp_sum(sc[u]);
         const bool keep = p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j + u) * p.skpm[1]];
         s = keep ? s : ninf;
+        any |= keep;
         bad |= s != s;
         mx = fmaxf(mx, s);
         if (lane == 0) s_sh[wib][j + u - j0] = s;
@@ -214,7 +215,8 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
     float* mine = part + it * (D + 2);
     if (lane == 0) {
       mine[0] = bad ? NAN : mx;
-      mine[1] = bad ? NAN : l;
+      // l = -1 marks "the mask allowed keys here, all scored -inf" for the merge.
+      mine[1] = bad ? NAN : ((any && mx == ninf) ? -1.f : l);
     }
 #pragma unroll
     for (int t = 0; t < kPL; ++t) {
@@ -230,12 +232,14 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
       __threadfence();
       const float* first = part + (b * H + h) * nch * (D + 2);
       float M = ninf;
-      bool poisoned = false;
+      bool poisoned = false, seen = false;
       for (int64_t cc = 0; cc < nch; ++cc) {
         const float m = __ldcg(first + cc * (D + 2));
         poisoned |= m != m;
+        seen |= m != ninf || __ldcg(first + cc * (D + 2) + 1) < 0.f;
         M = fmaxf(M, m);
       }
+      poisoned |= seen && M == ninf;  // allowed keys, every score -inf: NaN as softmax
       float L = 0.f, o[kPL];
 #pragma unroll
       for (int t = 0; t < kPL; ++t) o[t] = 0.f;
