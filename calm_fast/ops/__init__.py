@@ -28,10 +28,10 @@ _MODULES = {"reference": "calm_fast.ops.reference_backend", "sdpa": "calm_fast.o
             "cuda": "calm_fast.ops.native", "triton": "calm_fast.ops.triton_xattn"}
 # Preference order of "auto", fastest first, per device type (set by bench/ results).
 _AUTO = {
-    "cuda": {"cross_attention": ("triton", "cuda", "sdpa"),
-             "bridge_decode_step": ("cuda", "triton", "sdpa")},
-    "cpu": {"cross_attention": ("sdpa",),
-            "bridge_decode_step": ("cpp", "sdpa")},
+    "cuda": {"cross_attention": ("triton", "cuda", "reference"),
+             "bridge_decode_step": ("cuda", "triton", "reference")},
+    "cpu": {"cross_attention": ("cpp", "reference"),
+            "bridge_decode_step": ("cpp", "reference")},
 }
 _loaded: dict[str, ModuleType | None] = {}
 

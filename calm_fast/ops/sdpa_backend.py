@@ -1,7 +1,10 @@
 """The "sdpa" backend: torch's own fused attention (F.scaled_dot_product_attention) with the
 reference's semantics. Exact where it differs from plain SDPA: rows the mask leaves empty
 (left padding) attend to every key inside SDPA, so no NaN is made, and are then zeroed, which
-also zeroes their gradient."""
+also zeroes their gradient.
+
+Opt-in, not picked by "auto": torch's fused CPU kernel does not propagate NaN/inf inputs the way
+the reference does (a NaN query can give a finite row), so it is for finite inputs only."""
 import torch
 import torch.nn.functional as F
 
