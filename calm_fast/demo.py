@@ -158,7 +158,7 @@ MAPPINGS = {  # explicit (m_A layer, m_B layer) pairs per scale; see docs/kv_ari
     "tiny": [(0, 0), (1, 1)],
 }
 COMPOSE_TRAIN = {
-    "cpu": dict(steps=600, batch_size=32, lr=2e-3, warmup=50, eval_every=100, eval_samples=100),
+    "cpu": dict(steps=1000, batch_size=32, lr=3e-3, warmup=50, eval_every=250, eval_samples=100),
     "paper": dict(steps=5000, batch_size=128, lr=1e-3, warmup=200, eval_every=500, eval_samples=500),
     "tiny": dict(steps=20, batch_size=8, lr=3e-3, warmup=2, eval_samples=8),
 }

@@ -34,8 +34,10 @@ def test_keys_values_and_disjoint_splits():
 def test_keys_are_single_tokens_and_roles_never_see_the_other_data():
     t = KVArith(TaskConfig(n_kv=50))
     tok = t.tok
-    for k in t.keys:
-        assert len(tok.encode(k)) == 1 and tok.is_key(tok.encode(k)[0])
+    for k in t.keys:  # one key token, then its (digits - 1) placeholder slots
+        ids = tok.encode(k)
+        assert tok.is_key(ids[0]) and not any(tok.is_key(i) for i in ids[1:])
+        assert len(ids) == max(1, t.cfg.digits) and all(tok.itos[i] == "_" for i in ids[1:])
     for e in t.sample("numeric_arithmetic", "all", 100, 0):  # m_B's data: no key token
         assert not any(tok.is_key(i) for i in e.prompt + e.answer)
     for e in t.sample("kv_substitution", "all", 100, 0):  # m_A's data: the answer is the substitution
@@ -54,20 +56,29 @@ def test_tokenizer_round_trip_and_lsd_first():
         tok.encode("12 + zzzzzzzzz =")
 
 
-def test_operand_tokens_and_padded_digits():
-    """CPU default: numbers left of '=' are single tokens (aligned with single-token keys),
-    answers are zero-padded LSD-first digits; display text is ordinary."""
+def test_key_slots_and_padded_digits():
+    """CPU default: numbers are zero-padded 2-digit LSD-first; a key is one token followed by a
+    placeholder slot, so a key and a number take the same positions; display text is ordinary."""
     t = KVArith()
+    tok = t.tok
+    ids = tok.encode("12 + 7 = 19")
+    d = {c: tok.stoi[c] for c in "0123456789+="}
+    assert ids == [d["2"], d["1"], d["+"], d["7"], d["0"], d["="], d["9"], d["1"]]
+    assert tok.decode(ids) == "12 + 7 = 19"
+    num = t.sample("numeric_arithmetic", "all", 5, 0)
+    kv = t.sample("kv_arithmetic", "all", 5, 0)
+    assert all(len(a.prompt) == len(b.prompt) == 7 for a, b in zip(num, kv))  # same layout, position by position
+    key = t.keys[0]
+    assert tok.decode(tok.encode(f"{key} + 3 =")) == f"{key} + 3 ="
+
+
+def test_operand_tokens_option():
+    t = KVArith(TaskConfig(operand_tokens=True, key_slots=False))
     tok = t.tok
     ids = tok.encode("12 + 7 = 19")
     assert ids == [tok.stoi["<12>"], tok.stoi["+"], tok.stoi["<7>"], tok.eq_id, tok.stoi["9"], tok.stoi["1"]]
     assert tok.decode(ids) == "12 + 7 = 19"
-    assert tok.encode("= 5")[1:] == [tok.stoi["5"], tok.stoi["0"]]  # padded to 2 digits
-    num = t.sample("numeric_arithmetic", "all", 5, 0)
-    kv = t.sample("kv_arithmetic", "all", 5, 0)
-    assert all(len(a.prompt) == len(b.prompt) == 5 for a, b in zip(num, kv))  # same layout, position by position
-    for e in t.sample("kv_substitution", "all", 5, 0):
-        assert all(tok.itos[i].isdigit() or tok.itos[i] in "+-<eos>" for i in e.answer)
+    assert len(t.sample("numeric_arithmetic", "all", 1, 0)[0].prompt) == 5
 
 
 def test_expression_precedence():
@@ -129,3 +140,9 @@ def test_shipped_bases_load_and_score_above_a_floor():
     assert evaluate(m_A, task, "kv_substitution", "all", 64, seed=1) >= 80
     assert evaluate(m_B, task, "numeric_arithmetic", "all", 64, seed=1) >= 70
     assert evaluate(m_B, task, "kv_arithmetic", "held_out", 32, seed=1) <= 10  # m_B does not know the keys
+
+
+def test_n_values_option_shares_values_between_keys():
+    t = KVArith(TaskConfig(n_kv=60, n_values=20))
+    assert sorted(set(t.value.values())) == list(range(1, 21))
+    assert all(list(t.value.values()).count(v) == 3 for v in range(1, 21))

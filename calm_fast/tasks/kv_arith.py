@@ -46,6 +46,8 @@ class TaskConfig:
     allow_negative: bool = False
     digits: int = 2          # > 0: every number zero-padded to this many digits (0 = natural width)
     operand_tokens: bool = False  # numbers left of "=" are single tokens (like keys); answers are digits
+    n_values: int = 0        # > 0: values in [1, n_values], each used by ~N_KV/n_values keys
+                             # (0 = the paper's unique values, a permutation of [1, N_KV])
     key_slots: bool = True   # each key is followed by (digits - 1) placeholder tokens "_", so a key
                              # and a number take the same positions (the key itself is one token)
     seed: int = 0
@@ -203,7 +205,10 @@ class KVArith:
         c = self.cfg
         self.keys = make_keys(c.n_kv, c.seed)
         rng = random.Random(f"values-{c.seed}")
-        values = list(range(1, c.n_kv + 1))
+        if c.n_values:
+            values = [1 + i % c.n_values for i in range(c.n_kv)]
+        else:
+            values = list(range(1, c.n_kv + 1))
         rng.shuffle(values)
         self.value = dict(zip(self.keys, values))
         order = list(self.keys)
@@ -269,15 +274,16 @@ class KVArith:
 
     def max_answer_len(self, dataset: str) -> int:
         c = self.cfg
-        width = max(len(str(c.n_kv)), c.digits)
+        top = c.n_values or c.n_kv
+        width = max(len(str(top)), c.digits)
         if dataset == "kv_substitution":
             return c.max_operands * width + c.max_operands - 1 + 1
-        big = c.n_kv ** c.max_operands if "*" in c.operators else c.n_kv * c.max_operands
+        big = top ** c.max_operands if "*" in c.operators else top * c.max_operands
         return max(len(str(big)), c.digits) + 2  # digits, sign, <eos>
 
     def max_seq_len(self) -> int:
         c = self.cfg
-        prompt = 2 + c.max_operands * max(len(str(c.n_kv)), c.digits) + c.max_operands - 1
+        prompt = 2 + c.max_operands * max(len(str(c.n_values or c.n_kv)), c.digits) + c.max_operands - 1
         return prompt + max(self.max_answer_len(d) for d in DATASETS)
 
 
