@@ -52,10 +52,10 @@ run_stage env 30 bash -c "nvidia-smi --query-gpu=name,compute_cap,driver_version
   $PY -c 'import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
 
 # ---- build: only this GPU's architecture (faster than 80;90), CUDA required
-CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
-CC=${CC:-90}
+GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+GPU_ARCH=${GPU_ARCH:-90}
 BUILD_OK=0
-if CALM_FAST_CUDA=ON CMAKE_CUDA_ARCHITECTURES="$CC" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+if CALM_FAST_CUDA=ON CMAKE_CUDA_ARCHITECTURES="$GPU_ARCH" CMAKE_BUILD_PARALLEL_LEVEL=16 \
    run_stage build 240 bash -c "$PY setup.py build_ext --inplace > '$OUT_DIR/build.log' 2>&1; rc=\$?; \
      grep -E 'error|warning: |Built target|spill' '$OUT_DIR/build.log' | tail -40; exit \$rc"; then
   BUILD_OK=1
