@@ -49,9 +49,10 @@ template <> inline bf16 from_acc<bf16>(float x) {
 template <typename T> inline T from_acc(double x) { return static_cast<T>(x); }
 
 // exp(x) for x <= 0 (softmax after subtracting the row max), ~2 ulp; x < -87 (and -inf)
-// gives 0. Round-by-magic-number instead of nearbyint so SSE2 builds vectorise it too.
+// gives 0, NaN gives NaN. Round-by-magic-number instead of nearbyint so SSE2 builds vectorise it too.
 inline float exp_neg(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+  const bool nan = x != x;  // NaN must not reach the float->int conversion below (UB)
+  const float xc = (x < -87.0f || nan) ? -87.0f : x;
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -65,7 +66,7 @@ inline float exp_neg(float x) {
   int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &e, 4);
-  return x < -87.0f ? 0.0f : p * scale;
+  return nan ? x : (x < -87.0f ? 0.0f : p * scale);
 }
 inline double exp_neg(double x) { return std::exp(x); }
 
