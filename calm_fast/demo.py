@@ -400,6 +400,8 @@ def plot_curves(r: dict, path, bases=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    acc_ax = axes[0].twinx()
+    acc_ax.set(ylim=(0, 102), ylabel="exact match % (dashed)")
     if bases is not None:
         for role in ("m_A", "m_B"):
             recs = _read_metrics(Path(bases) / f"{role}_run")
@@ -407,8 +409,8 @@ def plot_curves(r: dict, path, bases=None) -> None:
             axes[0].plot(xs, [x["loss"] for x in recs if "loss" in x], label=f"{role} ({BASE_DATA[role]})")
             ev = [x for x in recs if "eval" in x]
             if ev:
-                axes[0].twinx().plot([x["step"] for x in ev], [list(x["eval"].values())[0] for x in ev], "--",
-                                     alpha=0.6)
+                acc_ax.plot([x["step"] for x in ev], [list(x["eval"].values())[0] for x in ev], "--",
+                            color=axes[0].lines[-1].get_color(), alpha=0.7)
     axes[0].set(title="base models: training loss (dashed: exact match %)", xlabel="step", yscale="log")
     axes[0].legend()
     for name, recs in r.get("curves", {}).items():
