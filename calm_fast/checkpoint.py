@@ -63,6 +63,19 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
+def load_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and the file's string metadata (the header's __metadata__), read in one pass."""
+    path = Path(path)
+    tensors = load_tensors(path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
 def check_shapes(path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     """Every expected tensor present with the expected shape; no unknown names."""
     missing = sorted(set(expected) - set(tensors))

@@ -298,7 +298,7 @@ def fit_distributed(model: nn.Module, params: dict[str, nn.Parameter],
     opt = make_optimizer(params, cfg)
     start, records = 0, []
     metrics_path = out_dir / METRICS if out_dir is not None else None
-    if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.json").is_file():
+    if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.safetensors").is_file():
         meta = load_distributed_checkpoint(out_dir / CKPT_DIR, params, opt, cfg)
         start = meta["step"]
         if metrics_path.is_file():

@@ -26,6 +26,8 @@ from torch import nn
 from . import checkpoint
 
 CKPT_DIR = "checkpoint"
+CKPT_FORMAT = 2
+CKPT_META = "calm_fast.train"  # key of the JSON state in the checkpoint file's metadata
 METRICS = "metrics.jsonl"
 
 
@@ -103,44 +105,72 @@ def make_optimizer(params: dict[str, nn.Parameter], cfg: TrainConfig) -> torch.o
 # ---- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(directory: Path, step: int, params: dict[str, nn.Parameter],
                     opt: torch.optim.Optimizer, extra: dict | None = None) -> None:
-    """Trained tensors + AdamW state (safetensors) + step and param groups (JSON), atomically."""
+    """Trained tensors + AdamW state + step and param groups in ONE safetensors file (its
+    metadata holds the JSON), written atomically: a crash mid-save leaves the previous
+    checkpoint whole. state.json beside it is a human-readable copy; loading never reads it."""
     directory = Path(directory)
     sd = opt.state_dict()
+    # The optimizer's state is indexed by its own parameter order (make_optimizer groups
+    # matrices before vectors), not by the order of `params`: map through identities.
+    order = [p for g in opt.param_groups for p in g["params"]]
+    name_of = {id(p): n for n, p in params.items()}
     tensors = {f"param.{n}": p.detach() for n, p in params.items()}
-    names = list(params)
     scalars = {}
     for idx, st in sd["state"].items():
+        n = name_of[id(order[idx])]
         for k, v in st.items():
             if torch.is_tensor(v) and v.dim() > 0:
-                tensors[f"opt.{names[idx]}.{k}"] = v
+                tensors[f"opt.{n}.{k}"] = v
             else:
-                scalars[f"{names[idx]}.{k}"] = float(v)
-    checkpoint.save_tensors(directory / "state.safetensors", tensors)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    checkpoint.save_json(directory / "state.json", {"step": step, "param_groups": groups,
-                                                   "scalars": scalars, "names": names, **(extra or {})})
+                scalars[f"{n}.{k}"] = float(v)
+    groups = [{**{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"},
+               "params": [name_of[id(order[i])] for i in g["params"]]} for g in sd["param_groups"]]
+    meta = {"format": CKPT_FORMAT, "step": step, "param_groups": groups, "scalars": scalars,
+            "names": list(params), **(extra or {})}
+    checkpoint.save_tensors(directory / "state.safetensors", tensors, metadata={CKPT_META: json.dumps(meta)})
+    checkpoint.save_json(directory / "state.json", meta)
 
 
 def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict:
-    directory = Path(directory)
-    meta = checkpoint.load_json(directory / "state.json")
-    tensors = checkpoint.load_tensors(directory / "state.safetensors")
-    names = list(params)
-    if meta["names"] != names:
-        raise ValueError(f"{directory}: checkpoint holds parameters {meta['names'][:3]}... that do not "
-                         f"match this run's {names[:3]}...")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
+    """Restore `params` and `opt` from save_checkpoint's file; every tensor is checked (present,
+    shape, floating dtype) and an error names the file and the tensor."""
+    path = Path(directory) / "state.safetensors"
+    tensors, file_meta = checkpoint.load_tensors_and_metadata(path)
+    try:
+        meta = json.loads(file_meta[CKPT_META])
+        names, groups_saved, scalars, step = meta["names"], meta["param_groups"], meta["scalars"], meta["step"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a calm_fast training checkpoint (metadata: {e!r})") from None
+    if names != list(params):
+        raise ValueError(f"{path}: checkpoint holds parameters {names[:3]}... that do not match this run's "
+                         f"{list(params)[:3]}...")
+    expected = {f"param.{n}": p for n, p in params.items()}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            n = key[4:].rsplit(".", 1)[0]
+            if n not in params:
+                raise ValueError(f"{path}: optimizer tensor {key!r} belongs to no parameter")
+            expected[key] = params[n]
+    checkpoint.check_shapes(path, tensors, expected)
+    order = [p for g in opt.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(order)}
     state = {}
-    for idx, n in enumerate(names):
-        st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
-        for key, val in meta["scalars"].items():
+    for n, p in params.items():
+        st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        for key, val in scalars.items():
             if key.rsplit(".", 1)[0] == n:
                 st[key.rsplit(".", 1)[1]] = torch.tensor(val)
         if st:
-            state[idx] = st
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+            state[index[id(p)]] = st
+    groups = []
+    for g, live in zip(groups_saved, opt.param_groups):
+        if [id(params[n]) for n in g["params"]] != [id(p) for p in live["params"]]:
+            raise ValueError(f"{path}: optimizer parameter groups do not match this run's")
+        groups.append({**{k: (tuple(v) if k == "betas" else v) for k, v in g.items()},
+                       "params": [index[id(params[n])] for n in g["params"]]})
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
     opt.load_state_dict({"state": state, "param_groups": groups})
     return meta
 
@@ -158,7 +188,7 @@ def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[t
     opt = make_optimizer(params, cfg)
     start, records = 0, []
     metrics_path = out_dir / METRICS if out_dir is not None else None
-    if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.json").is_file():
+    if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.safetensors").is_file():
         meta = load_checkpoint(out_dir / CKPT_DIR, params, opt)
         start = meta["step"]
         if metrics_path.is_file():
