@@ -39,7 +39,7 @@ import importlib  # noqa: E402
 import calm_fast as cf  # noqa: E402
 
 # The module, not the function that calm_fast re-exports under the same name.
-eo = importlib.import_module("calm_fast.export_onnx")
+eo = importlib.import_module("calm_fast.onnx_export")
 from calm_fast.generate import left_pad  # noqa: E402
 
 

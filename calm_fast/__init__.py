@@ -3,7 +3,7 @@ from . import ops
 from .composed import CALM, default_mapping
 from .config import CompositionConfig, DecoderConfig
 from .decoder import Decoder
-from .export_onnx import export_onnx
+from .onnx_export import export_onnx
 from .generate import generate, stream
 from .hf import load_hf
 

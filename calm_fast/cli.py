@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "sampling seed")
 
     p = sub.add_parser("export", help="export a composed model to ONNX",
-                       description="Loads the bases and the bridges and calls calm_fast.export_onnx.export_onnx.")
+                       description="Loads the bases and the bridges and calls calm_fast.export_onnx.")
     p.add_argument("--bridges", required=True, help="Θ_C directory written by save_bridges")
     p.add_argument("--bases", default=str(ASSETS), help=f"default {ASSETS}")
     p.add_argument("--out", required=True, help="output directory")
@@ -190,6 +191,11 @@ def cmd_train(args):
                                       "progress": not args.no_progress})
         checkpoint.save_json(Path(out) / "task.json", task.cfg.to_dict())
         train_base(role, task, model_config(task, role, scale), tcfg, out, device)
+    elif kind == "compose" and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or job.get("distributed")):
+        # Under torchrun (or with a "distributed" block): DDP / FSDP2 over the same job.
+        from .distributed import run_compose_job
+        run_compose_job(job, seed=args.seed if "--seed" in sys.argv else None, device=args.device or "auto",
+                        progress=not args.no_progress)
     elif kind == "compose":
         task, m_A, m_B = load_bases(job.get("bases", None) or __import__("calm_fast.demo").demo.ASSETS, device)
         scale = scale_of(task)
@@ -261,9 +267,9 @@ def cmd_generate(args):
 
 def cmd_export(args):
     try:
-        from .export_onnx import export_onnx
+        from .onnx_export import export_onnx
     except ImportError as e:
-        raise CLIError(f"ONNX export is not available: calm_fast.export_onnx could not be imported ({e})") from None
+        raise CLIError(f"ONNX export is not available: calm_fast.onnx_export could not be imported ({e})") from None
     from .demo import pick_device
     _, _, _, calm = _load_calm(args.bases, args.bridges, pick_device(args.device))
     export_onnx(calm, args.out)

@@ -138,8 +138,9 @@ def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch
     tensors, file_meta = checkpoint.load_tensors_and_metadata(path)
     try:
         meta = json.loads(file_meta[CKPT_META])
-        names, groups_saved, scalars, step = meta["names"], meta["param_groups"], meta["scalars"], meta["step"]
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        names, groups_saved, scalars = meta["names"], meta["param_groups"], meta["scalars"]
+        int(meta["step"])
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a calm_fast training checkpoint (metadata: {e!r})") from None
     if names != list(params):
         raise ValueError(f"{path}: checkpoint holds parameters {names[:3]}... that do not match this run's "

@@ -44,7 +44,7 @@ def test_runtime_error_is_one_line(tmp_path, capsys):
 
 
 def test_export_without_the_onnx_module_says_so(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "calm_fast.export_onnx", None)  # import fails
+    monkeypatch.setitem(sys.modules, "calm_fast.onnx_export", None)  # import fails
     assert main(["export", "--bridges", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "ONNX export is not available" in capsys.readouterr().err
 

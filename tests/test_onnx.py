@@ -23,7 +23,7 @@ import calm_fast as cf
 from calm_fast.generate import left_pad
 from calm_fast.ops import reference
 
-eo = importlib.import_module("calm_fast.export_onnx")  # the module (calm_fast.export_onnx is the function)
+eo = importlib.import_module("calm_fast.onnx_export")
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "export" / "ort_generate.py"
 sys.path.insert(0, str(RUNTIME.parent))
