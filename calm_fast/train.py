@@ -10,7 +10,6 @@ checkpoint produces bitwise the same losses as one that never stopped.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
+from .config import _JSONMixin
 
 CKPT_DIR = "checkpoint"
 CKPT_FORMAT = 2
@@ -32,7 +32,7 @@ METRICS = "metrics.jsonl"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_JSONMixin):
     steps: int = 1000
     batch_size: int = 64
     grad_accum: int = 1
@@ -63,17 +63,6 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a non-negative int, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"train.lr must be positive, got {self.lr!r}")
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown train field(s): {unknown}")
-        return cls(**d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
