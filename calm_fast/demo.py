@@ -38,7 +38,7 @@ MODELS = {  # (m_A, m_B) shapes; vocab and max_seq_len come from the task
     "tiny": (dict(dim=32, n_layers=2, n_heads=2), dict(dim=32, n_layers=2, n_heads=2)),
 }
 BASE_TRAIN = {  # role -> TrainConfig fields
-    "cpu": {"m_A": dict(steps=800, batch_size=64, lr=3e-3, warmup=100, eval_every=200, ckpt_every=200),
+    "cpu": {"m_A": dict(steps=600, batch_size=64, lr=3e-3, warmup=100, eval_every=200, ckpt_every=200),
             "m_B": dict(steps=3000, batch_size=64, lr=2e-3, warmup=100, eval_every=250, ckpt_every=250)},
     "paper": {"m_A": dict(steps=40000, batch_size=256, lr=1e-3, warmup=1000, eval_every=2000, ckpt_every=2000),
               "m_B": dict(steps=60000, batch_size=256, lr=5e-4, warmup=1000, eval_every=2000, ckpt_every=2000)},
@@ -46,6 +46,7 @@ BASE_TRAIN = {  # role -> TrainConfig fields
              "m_B": dict(steps=30, batch_size=16, lr=3e-3, warmup=5, eval_samples=16)},
 }
 BASE_DATA = {"m_A": "kv_substitution", "m_B": "numeric_arithmetic"}
+DICT_SEQS = 32  # m_A's dictionary sequences per step, beside its KV-Substitution batch
 # GPT-2 family (learned absolute positions): the bridge's cross-attention has no positional
 # encoding of its own, so in aligned mode it can match an anchor position to the same m_A
 # position only through position features in both residual streams (see docs/kv_arith.md).
@@ -78,6 +79,8 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
     params = dict(model.named_parameters())
 
     spelling = role == "m_B" and task.cfg.operand_tokens
+    dictionary = role == "m_A"
+    pairs = (mcfg.max_seq_len - 1) // (1 + len(task.tok.encode("1")))
 
     def step_loss(step, micro):
         seed = f"train-{tcfg.seed}-{step}-{micro}"
@@ -90,7 +93,16 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast_ctx(tcfg.bf16, device):
             logits = model(tokens, validate=False)
-        return answer_loss(logits, tokens, mask), tokens.numel()
+        loss = answer_loss(logits, tokens, mask)
+        n = tokens.numel()
+        if dictionary:  # m_A: "<bos> k v k' v' ...", the value right after its key (DICT_SEQS sequences)
+            dt, dm = task.sample_dictionary(DICT_SEQS, seed, pairs)
+            dt, dm = dt.to(device), dm.to(device)
+            with autocast_ctx(tcfg.bf16, device):
+                dlogits = model(dt, validate=False)
+            loss = 0.5 * (loss + answer_loss(dlogits, dt, dm))
+            n += dt.numel()
+        return loss, n
 
     if tcfg.compile:
         step_loss = _compiled(step_loss)
@@ -101,7 +113,10 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
     checkpoint.save_json(out_dir / f"{role}.config.json", mcfg.to_dict())
     checkpoint.save_json(out_dir / f"{role}.train.json", {"train": tcfg.to_dict(), "task": task.cfg.to_dict(),
                                                           "data": dataset + (" + number_spelling (1/4 of each batch)"
-                                                                             if spelling else ""), "split": "all"})
+                                                                             if spelling else "") +
+                                                                  (f" + dictionary stream ({DICT_SEQS} seqs of {pairs} "
+                                                                   f"key-value pairs per step, loss averaged)"
+                                                                   if dictionary else ""), "split": "all"})
     t0 = time.perf_counter()
     fit(params, step_loss, tcfg, out_dir / f"{role}_run", ev, desc=f"train {role}", resume=resume,
         modules=[model])

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from calm_fast.tasks.kv_arith import (DATASETS, SCALES, KVArith, TaskConfig, Tokenizer, collate, evaluate,
+from calm_fast.tasks.kv_arith import (DATASETS, SCALES, SPECIALS, KVArith, TaskConfig, Tokenizer, collate, evaluate,
                                       evaluate_expression, exact_match, generate_answers, make_keys)
 
 
@@ -146,3 +146,19 @@ def test_n_values_option_shares_values_between_keys():
     t = KVArith(TaskConfig(n_kv=60, n_values=20))
     assert sorted(set(t.value.values())) == list(range(1, 21))
     assert all(list(t.value.values()).count(v) == 3 for v in range(1, 21))
+
+
+def test_dictionary_stream_puts_each_value_right_after_its_key():
+    t = KVArith(TaskConfig(n_kv=60, n_values=20))
+    tokens, mask = t.sample_dictionary(3, 0, pairs=4)
+    assert tokens.shape == mask.shape == (3, 1 + 4 * 3)  # <bos> + 4 x (key, d0, d1)
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        assert row[0] == t.tok.bos_id and not m[0] and not m[-1]
+        for j in range(1, len(row), 3):
+            key = t.tok.itos[row[j]]
+            assert row[j + 1:j + 3] == t.tok.encode_number(t.value[key])  # the value's digits, LSD first
+            assert m[j] and m[j + 1] and not m[j + 2]  # loss on the value digits, not on the next key
+    ops = KVArith(TaskConfig(n_kv=60, n_values=20, operand_tokens=True, key_slots=False))
+    tokens, mask = ops.sample_dictionary(2, 0, pairs=3)
+    assert tokens.shape == (2, 7) and ops.tok.itos[tokens[0, 2].item()] == f"<{ops.value[ops.tok.itos[tokens[0, 1].item()]]}>"
+    assert ops.tok.vocab_size == len(SPECIALS) + 21 + 60  # number tokens <0>..<n_values>
