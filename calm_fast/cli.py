@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compose the shipped base models on key-value arithmetic and print the table",
                        description="Train Θ_C (the bridges) on D_C = KV-Arithmetic over held-in keys with the "
                                    "shipped m_A and m_B, evaluate on held-out keys and print the paper's Table 1 "
-                                   "layout beside the paper's numbers. Writes results/kv_arith.{json,md,png}.")
+                                   "layout beside the paper's numbers. Writes kv_arith.{json,md,png} to --out "
+                                   "(runs/kv_arith; the committed reference run used --out results).")
     p.add_argument("--train-bases", action="store_true", help="retrain m_A and m_B from scratch first")
     p.add_argument("--scale", choices=("cpu", "paper", "tiny"), default="cpu",
                    help="task/model scale for --train-bases (default cpu; 'paper' = 25K keys, 3-6 operands, "
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kv_substitution is its §4.1)")
     p.add_argument("--steps", type=_positive, default=None, help="composition training steps (default per scale)")
     p.add_argument("--eval-samples", type=_positive, default=500, help="examples per table cell (default 500)")
-    p.add_argument("--out", default=str(RESULTS), help=f"where the JSON/markdown/plot go (default {RESULTS})")
+    p.add_argument("--out", default="runs/kv_arith",
+                   help=f"where the JSON/markdown/plot go (default runs/kv_arith, so a demo never overwrites the "
+                        f"committed reference run in {RESULTS})")
     p.add_argument("--runs", default="runs/kv_arith", help="checkpoints, metrics and bridges (default runs/kv_arith)")
     p.add_argument("--full", action="store_true", help="the reference run: seeds 0,1,2, ablations, D_C both")
     _common(p, "composition seed")
