@@ -40,8 +40,9 @@ def check_mapping(mapping, n_augment: int, n_anchor: int) -> list[tuple[int, int
         a, b = pair
         if not 0 <= a < n_augment:
             raise ValueError(f"mapping pair {tuple(pair)}: augment layer {a} is out of range [0, {n_augment})")
-        if not 0 <= b < n_anchor:
-            raise ValueError(f"mapping pair {tuple(pair)}: anchor layer {b} is out of range [0, {n_anchor})")
+        if not -1 <= b < n_anchor:
+            raise ValueError(f"mapping pair {tuple(pair)}: anchor layer {b} is out of range [-1, {n_anchor}) "
+                             f"(-1 is the embedding output)")
         pairs.append((a, b))
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"mapping has duplicate pairs: {pairs}")

@@ -118,7 +118,8 @@ def _llama_ffn(dim: int) -> int:
 @dataclass
 class CompositionConfig(_JSONMixin):
     """How augmenting models attach to the anchor: one mapping per augment model, each a list
-    of (augment_layer, anchor_layer) pairs, 0-based block indices."""
+    of (augment_layer, anchor_layer) pairs, 0-based block indices; anchor layer -1 is the
+    anchor's embedding output (the input to block 0)."""
     mode: str = "aligned"
     mappings: list = field(default_factory=list)
     anchor_dim: int = 0
@@ -149,8 +150,8 @@ class CompositionConfig(_JSONMixin):
             for pair in m:
                 if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                     raise ValueError(f"mapping entry {pair!r} is not an (augment_layer, anchor_layer) pair")
-                for x in pair:
-                    _positive_int("mapping layer index", x, minimum=0)
+                _positive_int("mapping augment layer index", pair[0], minimum=0)
+                _positive_int("mapping anchor layer index", pair[1], minimum=-1)  # -1: the embedding output
                 pairs.append(tuple(pair))
             if len(set(pairs)) != len(pairs):
                 raise ValueError(f"mapping has duplicate pairs: {pairs}")

@@ -214,7 +214,8 @@ class Decoder(nn.Module):
         attention_mask: (B, pos+T) bool over every position so far, True = real token
           (None = no padding). cache: a StaticKVCache/ConcatKVCache; `pos` = number of
           tokens already in it. taps: block indices whose outputs to return.
-          after_block: {block index: f(h) -> h} applied to that block's output.
+          after_block: {block index: f(h) -> h} applied to that block's output; index -1 is
+          the embedding output (the input to block 0).
           stop_after: run blocks 0..stop_after only and return no logits.
         Returns logits (B, T, vocab), or (logits or None, {tap: state}) when taps are asked.
         """
@@ -242,6 +243,8 @@ class Decoder(nn.Module):
         mask = self_attention_mask(attention_mask, t, pos, tokens.device)
         last = self.cfg.n_layers - 1 if stop_after is None else stop_after
         tapped = {}
+        if after_block is not None and -1 in after_block:  # -1: the embedding output, input to block 0
+            h = after_block[-1](h)
         for i in range(last + 1):
             h = self.layers[i](h, rope, mask, cache, i, pos)
             if after_block is not None and i in after_block:

@@ -48,6 +48,7 @@ BASE_TRAIN = {  # role -> TrainConfig fields
 BASE_DATA = {"m_A": "kv_substitution", "m_B": "numeric_arithmetic"}
 M_B_SOFT_OPERANDS = True  # see _soft_operands
 DICT_SEQS = 32  # m_A's dictionary sequences per step, beside its KV-Substitution batch
+DICT_SLOT_FRACTION = 0.5  # of those pairs, the share read as 'k _ d1' (see KVArith.sample_dictionary)
 # GPT-2 family (learned absolute positions): the bridge's cross-attention has no positional
 # encoding of its own, so in aligned mode it can match an anchor position to the same m_A
 # position only through position features in both residual streams (see docs/kv_arith.md).
@@ -102,10 +103,10 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
         loss = answer_loss(logits, tokens, mask)
         n = tokens.numel()
         if dictionary:  # m_A: "<bos> k v k' v' ...", the value right after its key (DICT_SEQS sequences)
-            dt, dm = task.sample_dictionary(DICT_SEQS, seed, pairs)
-            dt, dm = dt.to(device), dm.to(device)
+            dt, dm, di = task.sample_dictionary(DICT_SEQS, seed, pairs, slot_fraction=DICT_SLOT_FRACTION)
+            dt, dm, di = dt.to(device), dm.to(device), di.to(device)
             with autocast_ctx(tcfg.bf16, device):
-                dlogits = model(dt, validate=False)
+                dlogits = model(di, validate=False)
             loss = 0.5 * (loss + answer_loss(dlogits, dt, dm))
             n += dt.numel()
         return loss, n
@@ -269,8 +270,9 @@ def calm_param_count(m_A: Decoder, m_B: Decoder, mapping) -> int:
 
 def train_composition(task: KVArith, m_A: Decoder, m_B: Decoder, variant: str = "calm",
                       dc: str = "kv_arithmetic", tcfg: TrainConfig | None = None, mapping=None,
-                      out_dir=None, device=None, log=print) -> Variant:
-    """Train one variant on D_C = `dc` over held-in keys."""
+                      out_dir=None, device=None, log=print, literal_fraction: float = 0.0) -> Variant:
+    """Train one variant on D_C = `dc` over held-in keys. literal_fraction (kv_arithmetic):
+    the share of operands written as numbers instead of keys (see DC_LITERAL_FRACTION)."""
     if dc not in ("kv_arithmetic", "kv_substitution"):
         raise ValueError(f"D_C must be 'kv_arithmetic' or 'kv_substitution', got {dc!r}")
     device = pick_device(device)
@@ -278,7 +280,8 @@ def train_composition(task: KVArith, m_A: Decoder, m_B: Decoder, variant: str = 
     v = Variant(variant, m_A, m_B, mapping, tcfg.seed, device)
 
     def step_loss(step, micro):
-        ex = task.sample(dc, "held_in", tcfg.batch_size, f"dc-{tcfg.seed}-{step}-{micro}")
+        ex = task.sample(dc, "held_in", tcfg.batch_size, f"dc-{tcfg.seed}-{step}-{micro}",
+                         literal_fraction if dc == "kv_arithmetic" else 0.0)
         tokens, mask, _ = collate(ex, task.tok.pad_id)
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast_ctx(tcfg.bf16, device):

@@ -228,6 +228,7 @@ def test_default_mapping_used_by_calm():
 @pytest.mark.parametrize("mapping,match", [
     ([(4, 1)], "augment layer 4 is out of range"),
     ([(0, 8)], "anchor layer 8 is out of range"),
+    ([(0, -2)], "anchor layer -2 is out of range"),
     ([(-1, 2)], "augment layer -1"),
     ([], "non-empty"),
     ([(1,)], "pair"),
@@ -235,6 +236,46 @@ def test_default_mapping_used_by_calm():
 def test_bad_explicit_mapping(mapping, match):
     with pytest.raises(ValueError, match=match):
         cf.CALM(make_decoder(n_layers=8), [make_decoder(n_layers=4)], mapping=mapping)
+
+
+# ---- anchor layer -1: the bridge writes into the anchor's embedding output ---------------------
+def make_embedding_calm(mode="aligned"):
+    anchor = make_decoder("gpt2", dim=64, n_layers=3, n_heads=4, seed=7)
+    calm = cf.CALM(anchor, [make_decoder("llama", dim=32, n_layers=4, n_heads=2, seed=8)],
+                   mapping=[(3, -1), (1, 1)], mode=mode)
+    randomize_bridges(calm, 3)
+    return calm.eval()
+
+
+def test_anchor_layer_minus_one_is_the_input_to_block_0():
+    calm = make_embedding_calm()
+    x = rand_tokens(2, 11, seed=9)
+    emb = calm.anchor.tok_emb(x) + calm.anchor.pos_emb(torch.arange(11))
+    states = calm.augment_states(x)[0]
+    bridge = calm.bridges[0][0]
+    seen = {}
+    calm.anchor.layers[0].register_forward_pre_hook(lambda m, args: seen.update(h=args[0]))
+    with torch.no_grad():
+        calm(x)
+        expected = reference.bridge_forward(emb, states[3], bridge.proj.weight, bridge.proj.bias, bridge.wq.weight,
+                                            bridge.wk.weight, bridge.wv.weight, bridge.wo.weight, bridge.n_heads,
+                                            "aligned")
+    torch.testing.assert_close(seen["h"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["aligned", "context"])
+def test_anchor_layer_minus_one_cached_and_causal(mode):
+    calm = make_embedding_calm(mode)
+    seq = rand_tokens(2, 14, seed=10)
+    ctx = {"context": rand_tokens(2, 6, seed=11)} if mode == "context" else {}
+    with torch.no_grad():
+        full = calm(seq, **ctx)
+    assert rel_err(run_cached(calm, seq, None, 5, **ctx), full) < 1e-5
+    if mode == "aligned":
+        y = seq.clone()
+        y[:, 8] = (y[:, 8] + 1) % V
+        with torch.no_grad():
+            torch.testing.assert_close(calm(y)[:, :8], full[:, :8], atol=0, rtol=0)
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -148,10 +148,27 @@ def test_n_values_option_shares_values_between_keys():
     assert all(list(t.value.values()).count(v) == 3 for v in range(1, 21))
 
 
+def test_dictionary_stream_with_slots_reads_a_key_as_a_prompt_does():
+    t = KVArith(TaskConfig(n_kv=60, n_values=20))
+    tokens, mask, inputs = t.sample_dictionary(4, 1, pairs=4, slot_fraction=1.0)
+    same, _, _ = t.sample_dictionary(4, 1, pairs=4)
+    assert torch.equal(tokens, same)  # the labels do not depend on the slot fraction
+    slot = t.tok.stoi["_"]
+    for row, inp in zip(tokens.tolist(), inputs.tolist()):
+        for j in range(1, len(row), 3):  # 'k _ d1' is read, 'k d0 d1' is predicted
+            assert inp[j] == row[j] and inp[j + 1] == slot and inp[j + 2] == row[j + 2]
+    half = t.sample_dictionary(200, 2, pairs=4, slot_fraction=0.5)[2]
+    share = (half[:, 2::3] == slot).float().mean().item()
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="slot_fraction must be in"):
+        t.sample_dictionary(1, 0, pairs=1, slot_fraction=1.5)
+
+
 def test_dictionary_stream_puts_each_value_right_after_its_key():
     t = KVArith(TaskConfig(n_kv=60, n_values=20))
-    tokens, mask = t.sample_dictionary(3, 0, pairs=4)
+    tokens, mask, inputs = t.sample_dictionary(3, 0, pairs=4)
     assert tokens.shape == mask.shape == (3, 1 + 4 * 3)  # <bos> + 4 x (key, d0, d1)
+    assert torch.equal(inputs, tokens)  # slot_fraction=0: the model reads what it predicts
     for row, m in zip(tokens.tolist(), mask.tolist()):
         assert row[0] == t.tok.bos_id and not m[0] and not m[-1]
         for j in range(1, len(row), 3):
@@ -159,6 +176,23 @@ def test_dictionary_stream_puts_each_value_right_after_its_key():
             assert row[j + 1:j + 3] == t.tok.encode_number(t.value[key])  # the value's digits, LSD first
             assert m[j] and m[j + 1] and not m[j + 2]  # loss on the value digits, not on the next key
     ops = KVArith(TaskConfig(n_kv=60, n_values=20, operand_tokens=True, key_slots=False))
-    tokens, mask = ops.sample_dictionary(2, 0, pairs=3)
+    tokens, mask, _ = ops.sample_dictionary(2, 0, pairs=3)
     assert tokens.shape == (2, 7) and ops.tok.itos[tokens[0, 2].item()] == f"<{ops.value[ops.tok.itos[tokens[0, 1].item()]]}>"
     assert ops.tok.vocab_size == len(SPECIALS) + 21 + 60  # number tokens <0>..<n_values>
+
+
+def test_literal_operands_write_some_keys_as_their_numbers():
+    t = KVArith(TaskConfig(n_kv=60, n_values=20))
+    plain = t.sample("kv_arithmetic", "held_in", 40, 3)
+    assert [e.prompt for e in t.sample("kv_arithmetic", "held_in", 40, 3, literal_fraction=0.0)] == \
+        [e.prompt for e in plain]
+    mixed = t.sample("kv_arithmetic", "held_in", 40, 3, literal_fraction=0.5)
+    n_keys = sum(tok >= t.tok.first_key_id for e in mixed for tok in e.prompt)
+    assert 0 < n_keys < sum(tok >= t.tok.first_key_id for e in plain for tok in e.prompt)
+    for a, b in zip(plain, mixed):  # same expressions and answers; only how operands are written
+        assert a.answer == b.answer and a.value == b.value
+    numeric = t.sample("kv_arithmetic", "held_in", 5, 3, literal_fraction=1.0)
+    assert all(tok < t.tok.first_key_id for e in numeric for tok in e.prompt)
+    for bad, match in ((1.5, "literal_fraction must be in"), (0.5, "kv_arithmetic only")):
+        with pytest.raises(ValueError, match=match):
+            t.sample("kv_substitution" if bad == 0.5 else "kv_arithmetic", "held_in", 1, 0, literal_fraction=bad)

@@ -49,9 +49,10 @@ def make_calm(family: str, mode: str) -> cf.CALM:
     torch.manual_seed(0)
     if family == "llama":  # GQA + q/k/v bias anchor, a GPT-2 augment
         calm = cf.CALM(_llama(64, 4, 4, 2, qkv_bias=True), [_gpt2(32, 4, 2)], mode=mode)
-    else:  # GPT-2 anchor, two Llama augments (their updates add up; two sets of caches)
+    else:  # GPT-2 anchor, two Llama augments (their updates add up; two sets of caches),
+        # one bridge writing into the anchor's embedding output (anchor layer -1)
         calm = cf.CALM(_gpt2(48, 4, 4), [_llama(32, 4, 2, 1), _llama(32, 8, 4, 2)],
-                       mapping=[[(1, 1), (3, 3)], [(3, 1), (7, 3)]], mode=mode)
+                       mapping=[[(1, -1), (3, 3)], [(3, 1), (7, 3)]], mode=mode)
     for p in calm.trainable_parameters():  # W_o = 0 would hide every bridge bug
         torch.nn.init.normal_(p, std=0.2)
     return calm.eval()

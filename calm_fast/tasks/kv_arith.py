@@ -232,8 +232,12 @@ class KVArith:
             if c.allow_negative or result >= 0:
                 return ks, ops, result
 
-    def example(self, dataset: str, ks: list[str], ops: list[str], result: int) -> Example:
+    def example(self, dataset: str, ks: list[str], ops: list[str], result: int,
+                literal: list[bool] | None = None) -> Example:
+        """literal[i]: write operand i of a kv_arithmetic prompt as its number, not its key."""
         vals = [str(self.value[k]) for k in ks]
+        if literal is not None and dataset == "kv_arithmetic":
+            ks = [v if lit else k for k, v, lit in zip(ks, vals, literal)]
         if dataset == "numeric_arithmetic":
             lhs, rhs = _join(vals, ops), str(result)
         elif dataset == "kv_arithmetic":
@@ -258,26 +262,35 @@ class KVArith:
                                f"{v} = {v}", v))
         return out
 
-    def sample_dictionary(self, n: int, seed, pairs: int, split: str = "all"):
+    def sample_dictionary(self, n: int, seed, pairs: int, split: str = "all", slot_fraction: float = 0.0):
         """m_A's dictionary stream: '<bos> k v k' v' ...' with each value written as m_B reads
         it left of '=' (a number token with operand_tokens, else its digits), so that m_A's
         state AT a key's position must predict the key's value. Returns (tokens (n, T),
-        loss_mask (n, T)): the mask is set where the next token is a value (keys are random,
-        nothing to learn there)."""
+        loss_mask (n, T), inputs (n, T)): the mask is set where the next token is a value (keys
+        are random, nothing to learn there). With key slots, a `slot_fraction` of the pairs
+        have their value's leading digits replaced in `inputs` by the slot tokens a key carries
+        in a prompt ('k _ d1' for 'k d0 d1'; the labels stay `tokens`): m_A then predicts
+        digit j+1 at a key's j-th slot, the state a composition reads in 'k _ + ...'."""
+        if not 0.0 <= slot_fraction <= 1.0:
+            raise ValueError(f"slot_fraction must be in [0, 1], got {slot_fraction!r}")
         rng = random.Random(f"dictionary-{split}-{seed}")
         keys, t = self.split_keys(split), self.tok
-        seqs, masks = [], []
+        slots = t.key_slots if not t.number_tokens else 0
+        seqs, masks, inputs = [], [], []
         for _ in range(n):
-            ids, m = [t.bos_id], [False]
+            ids, m, inp = [t.bos_id], [False], [t.bos_id]
             for _ in range(pairs):
                 k = rng.choice(keys)
                 v = t.encode(f"{self.value[k]}")  # lhs encoding: a number token or digits
                 ids.append(t.stoi[k])
                 m += [True] * len(v) + [False]
                 ids += v
+                masked = slots and rng.random() < slot_fraction
+                inp += [t.stoi[k]] + ([t.stoi[SLOT]] * slots + v[slots:] if masked else v)
             seqs.append(ids)
             masks.append(m[:len(ids) - 1] + [False])
-        return torch.tensor(seqs), torch.tensor(masks)
+            inputs.append(inp)
+        return torch.tensor(seqs), torch.tensor(masks), torch.tensor(inputs)
 
     def split_keys(self, split: str) -> list[str]:
         if split == "held_in":
@@ -288,13 +301,24 @@ class KVArith:
             return self.keys
         raise ValueError(f"split must be 'held_in', 'held_out' or 'all', got {split!r}")
 
-    def sample(self, dataset: str, split: str, n: int, seed) -> list[Example]:
+    def sample(self, dataset: str, split: str, n: int, seed, literal_fraction: float = 0.0) -> list[Example]:
         """n examples of `dataset` whose keys come from `split`, deterministic from seed.
         For numeric_arithmetic the operands are the values of those keys (any value in
-        [1, N_KV] for split 'all')."""
+        [1, N_KV] for split 'all'). literal_fraction (kv_arithmetic only): each operand is
+        written as its number instead of its key with this probability ('ab _ + 37 =')."""
+        if not 0.0 <= literal_fraction <= 1.0:
+            raise ValueError(f"literal_fraction must be in [0, 1], got {literal_fraction!r}")
+        if literal_fraction and dataset != "kv_arithmetic":
+            raise ValueError(f"literal_fraction applies to kv_arithmetic only, not {dataset!r}")
         rng = random.Random(f"{dataset}-{split}-{seed}")
+        lit = random.Random(f"literal-{split}-{seed}")
         keys = self.split_keys(split)
-        return [self.example(dataset, *self.sample_expression(rng, keys)) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            ks, ops, result = self.sample_expression(rng, keys)
+            literal = [lit.random() < literal_fraction for _ in ks] if literal_fraction else None
+            out.append(self.example(dataset, ks, ops, result, literal))
+        return out
 
     def max_answer_len(self, dataset: str) -> int:
         c = self.cfg
