@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composition data D_C over held-in keys (default kv_arithmetic, the paper's §3.2; "
                         "kv_substitution is its §4.1)")
     p.add_argument("--steps", type=_positive, default=None, help="composition training steps (default per scale)")
+    p.add_argument("--literal-fraction", type=float, default=None,
+                   help="share of D_C operands written as numbers instead of keys (default: "
+                        "calm_fast.demo.DC_LITERAL_FRACTION; 0 = the paper's pure KV-Arithmetic D_C)")
     p.add_argument("--eval-samples", type=_positive, default=500, help="examples per table cell (default 500)")
     p.add_argument("--out", default="runs/kv_arith",
                    help=f"where the JSON/markdown/plot go (default runs/kv_arith, so a demo never overwrites the "
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    '"train": {TrainConfig fields}} or {"job": "compose", "bases": DIR, '
                                    '"variant": "calm"|"random_m_A"|"encoder"|"lora"|"full_ft", '
                                    '"dc": "kv_arithmetic"|"kv_substitution", "mapping": [[a, b], ...], '
+                                   '"literal_fraction": share of kv_arithmetic operands written as numbers, '
                                    '"out": DIR, "train": {TrainConfig fields}}.')
     p.add_argument("--config", required=True, help="path of the job's JSON file")
     _common(p, "overrides train.seed when given")
@@ -156,6 +160,7 @@ def cmd_demo(args):
     dcs = ("kv_arithmetic", "kv_substitution") if (args.dc == "both" or args.full) else (args.dc,)
     run_demo(bases=args.bases, train_bases_first=args.train_bases, scale=args.scale, seeds=seeds,
              ablations=args.ablations or args.full, dcs=dcs, steps=args.steps, eval_samples=args.eval_samples,
+             literal_fraction=args.literal_fraction,
              out=args.out, runs=args.runs, device=args.device, base_seed=args.seed,
              progress=not args.no_progress, command="calm-fast " + shlex.join(sys.argv[1:]))
 
@@ -208,7 +213,7 @@ def cmd_train(args):
         from .demo import MAPPINGS
         mapping = [tuple(p) for p in job["mapping"]] if "mapping" in job else MAPPINGS[scale]
         v = train_composition(task, m_A, m_B, job.get("variant", "calm"), job.get("dc", "kv_arithmetic"),
-                              tcfg, mapping, out, device)
+                              tcfg, mapping, out, device, literal_fraction=job.get("literal_fraction"))
         if hasattr(v.model, "save_bridges"):
             v.model.save_bridges(Path(out) / "bridges")
             print(f"bridges saved to {Path(out) / 'bridges'}")

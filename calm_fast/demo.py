@@ -122,7 +122,9 @@ def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig,
                                                           "data": dataset + (" (soft operand digits in half of each batch)" if role == "m_B" and M_B_SOFT_OPERANDS else "") + (" + number_spelling (1/4 of each batch)"
                                                                              if spelling else "") +
                                                                   (f" + dictionary stream ({DICT_SEQS} seqs of {pairs} "
-                                                                   f"key-value pairs per step, loss averaged)"
+                                                                   f"key-value pairs per step, a share of "
+                                                                   f"{DICT_SLOT_FRACTION} of the pairs read as "
+                                                                   f"'k _ d1', loss averaged)"
                                                                    if dictionary else ""), "split": "all"})
     t0 = time.perf_counter()
     fit(params, step_loss, tcfg, out_dir / f"{role}_run", ev, desc=f"train {role}", resume=resume,
@@ -199,16 +201,35 @@ def train_bases(scale: str = "cpu", out_dir=ASSETS, seed: int = 0, device=None, 
 
 
 # ---- composition and ablations -------------------------------------------------------------
-MAPPINGS = {  # explicit (m_A layer, m_B layer) pairs per scale; see docs/kv_arith.md
-    "cpu": [(3, 0), (3, 1)],  # m_A's last block -> anchor blocks 0 and 1: m_B's later blocks do the arithmetic
-    "paper": [(1, 1), (3, 3), (5, 5), (7, 7), (7, 9), (7, 11)],
-    "tiny": [(0, 0), (1, 1)],
+MAPPINGS = {  # explicit (m_A layer, m_B layer) pairs per scale; see docs/kv_arith.md, "Mapping"
+    # m_A's last block -> the anchor's embedding output (anchor layer -1): a value written after
+    # m_B's block 0 comes too late for m_B to read (docs/kv_arith.md, "Evidence").
+    "cpu": [(3, -1)],
+    "paper": [(7, -1), (1, 1), (3, 3), (5, 5), (7, 7), (7, 9), (7, 11)],
+    "tiny": [(1, -1), (1, 1)],
 }
 COMPOSE_TRAIN = {
-    "cpu": dict(steps=1000, batch_size=32, lr=1e-3, warmup=100, eval_every=250, eval_samples=100),
+    "cpu": dict(steps=10000, batch_size=32, lr=1e-3, warmup=100, eval_every=1000, eval_samples=100,
+                ckpt_every=2000),
     "paper": dict(steps=5000, batch_size=128, lr=1e-3, warmup=200, eval_every=500, eval_samples=500),
     "tiny": dict(steps=20, batch_size=8, lr=3e-3, warmup=2, eval_samples=8),
 }
+# D_C = KV-Arithmetic over held-in keys, each operand written as its number instead of its key
+# with this probability ('ab _ + 37 ='): the bridge also sees digits where keys stand and learns
+# to leave them alone. With 0 (the paper's pure D_C) CALM still solves held-out KV-Arithmetic
+# but wipes out m_B's Numeric-Arithmetic (docs/kv_arith.md, "Forgetting").
+DC_LITERAL_FRACTION = 0.5
+
+
+def dc_literal_fraction(dc: str, value: float | None = None) -> float:
+    """The literal-operand share for D_C `dc` (None: DC_LITERAL_FRACTION; only kv_arithmetic has one)."""
+    if dc != "kv_arithmetic":
+        if value:
+            raise ValueError(f"literal_fraction applies to D_C kv_arithmetic only, not {dc!r}")
+        return 0.0
+    return DC_LITERAL_FRACTION if value is None else value
+
+
 VARIANTS = ("calm", "random_m_A", "encoder", "lora", "full_ft")
 VARIANT_NAMES = {"calm": "CALM", "random_m_A": "CALM with a random m_A", "encoder": "m_A as an encoder (context mode)",
                  "lora": "LoRA on m_B (rank matched to Θ_C)", "full_ft": "m_B fully fine-tuned on D_C (skyline)"}
@@ -270,18 +291,18 @@ def calm_param_count(m_A: Decoder, m_B: Decoder, mapping) -> int:
 
 def train_composition(task: KVArith, m_A: Decoder, m_B: Decoder, variant: str = "calm",
                       dc: str = "kv_arithmetic", tcfg: TrainConfig | None = None, mapping=None,
-                      out_dir=None, device=None, log=print, literal_fraction: float = 0.0) -> Variant:
+                      out_dir=None, device=None, log=print, literal_fraction: float | None = None) -> Variant:
     """Train one variant on D_C = `dc` over held-in keys. literal_fraction (kv_arithmetic):
-    the share of operands written as numbers instead of keys (see DC_LITERAL_FRACTION)."""
+    the share of operands written as numbers instead of keys (None: DC_LITERAL_FRACTION)."""
     if dc not in ("kv_arithmetic", "kv_substitution"):
         raise ValueError(f"D_C must be 'kv_arithmetic' or 'kv_substitution', got {dc!r}")
     device = pick_device(device)
     tcfg = tcfg or TrainConfig(**COMPOSE_TRAIN[scale_of(task)])
     v = Variant(variant, m_A, m_B, mapping, tcfg.seed, device)
+    literal_fraction = dc_literal_fraction(dc, literal_fraction)
 
     def step_loss(step, micro):
-        ex = task.sample(dc, "held_in", tcfg.batch_size, f"dc-{tcfg.seed}-{step}-{micro}",
-                         literal_fraction if dc == "kv_arithmetic" else 0.0)
+        ex = task.sample(dc, "held_in", tcfg.batch_size, f"dc-{tcfg.seed}-{step}-{micro}", literal_fraction)
         tokens, mask, _ = collate(ex, task.tok.pad_id)
         tokens, mask = tokens.to(device), mask.to(device)
         with autocast_ctx(tcfg.bf16, device):
@@ -318,6 +339,7 @@ def _mean_std(xs):
 
 def run_demo(*, bases=ASSETS, train_bases_first: bool = False, scale: str = "cpu", seeds=(0,),
              ablations: bool = False, dcs=("kv_arithmetic",), steps: int | None = None,
+             literal_fraction: float | None = None,
              eval_samples: int = 500, out=RESULTS, runs="runs/kv_arith", device=None, base_seed: int = 0,
              log=print, progress: bool = True, command: str = "") -> dict:
     t_start = time.perf_counter()
@@ -345,7 +367,8 @@ def run_demo(*, bases=ASSETS, train_bases_first: bool = False, scale: str = "cpu
         for seed in seeds:
             tcfg = TrainConfig(**{**tcfg_base, "seed": seed})
             run_dir = Path(runs) / f"calm_{dc}_seed{seed}"
-            v = train_composition(task, m_A, m_B, "calm", dc, tcfg, mapping, run_dir, device, log)
+            v = train_composition(task, m_A, m_B, "calm", dc, tcfg, mapping, run_dir, device, log,
+                                  literal_fraction if dc == "kv_arithmetic" else None)
             v.model.save_bridges(run_dir / "bridges")
             t0 = time.perf_counter()
             per_seed[seed] = evaluate_row(v.model, task, eval_samples)
@@ -365,7 +388,8 @@ def run_demo(*, bases=ASSETS, train_bases_first: bool = False, scale: str = "cpu
         for name in VARIANTS[1:]:
             tcfg = TrainConfig(**{**tcfg_base, "seed": seeds[0]})
             run_dir = Path(runs) / f"{name}_{main_dc}_seed{seeds[0]}"
-            v = train_composition(task, m_A, m_B, name, main_dc, tcfg, mapping, run_dir, device, log)
+            v = train_composition(task, m_A, m_B, name, main_dc, tcfg, mapping, run_dir, device, log,
+                                  literal_fraction if main_dc == "kv_arithmetic" else None)
             row = evaluate_row(v.model, task, eval_samples, v.mode)
             log(f"  {name}: {row}")
             result["ablations"][name] = {**row, "trained_params": v.n_params(), "train_s": round(v.train_seconds, 1),
@@ -374,6 +398,7 @@ def run_demo(*, bases=ASSETS, train_bases_first: bool = False, scale: str = "cpu
     result["config"] = {"task": task.cfg.to_dict(), "scale": scale, "bases": str(bases),
                         "m_A": m_A.cfg.to_dict(), "m_B": m_B.cfg.to_dict(), "mapping": mapping, "mode": "aligned",
                         "compose_train": tcfg_base, "d_c": list(dcs), "eval_samples": eval_samples,
+                        "d_c_literal_fraction": dc_literal_fraction("kv_arithmetic", literal_fraction),
                         "eval": "exact match, greedy cached generation; KV rows on held-out keys only",
                         "device": str(device), "threads": torch.get_num_threads(), "command": command,
                         "machine": f"{platform.machine()} {platform.processor()} python {platform.python_version()} "

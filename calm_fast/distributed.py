@@ -440,7 +440,7 @@ def run_compose_job(job: dict, *, seed: int | None = None, device: str = "auto",
     "cache_dtype": "bfloat16"|"float16"|"float32", "drop_augment": bool}. "dataset_size" trains
     on a fixed set of examples (required by "state_cache") instead of a fresh stream."""
     from .composed import CALM
-    from .demo import COMPOSE_TRAIN, MAPPINGS, load_bases, scale_of
+    from .demo import COMPOSE_TRAIN, MAPPINGS, dc_literal_fraction, load_bases, scale_of
     from .state_cache import StateCache, build_state_cache, drop_augment_weights
     from .tasks.kv_arith import collate, evaluate as kv_evaluate, prompt_context
 
@@ -458,6 +458,7 @@ def run_compose_job(job: dict, *, seed: int | None = None, device: str = "auto",
         raise ValueError(f"D_C must be 'kv_arithmetic' or 'kv_substitution', got {dc!r}")
     if not job.get("out"):
         raise ValueError("'out' (output directory) is required")
+    literal = dc_literal_fraction(dc, job.get("literal_fraction"))
     own_env = env is None
     env = env or init_distributed(device)
     try:
@@ -476,7 +477,7 @@ def run_compose_job(job: dict, *, seed: int | None = None, device: str = "auto",
         size = opts.get("dataset_size")
         fixed = sampler = None
         if size is not None:
-            fixed = task.sample(dc, "held_in", int(size), f"dc-{cfg.seed}-fixed")
+            fixed = task.sample(dc, "held_in", int(size), f"dc-{cfg.seed}-fixed", literal)
             sampler = StepSampler(len(fixed), cfg.batch_size, cfg.grad_accum, cfg.seed)
         cache = None
         if opts.get("state_cache"):
@@ -499,7 +500,7 @@ def run_compose_job(job: dict, *, seed: int | None = None, device: str = "auto",
         def batch_fn(step, micro):
             if fixed is None:
                 idx = None
-                ex = task.sample(dc, "held_in", cfg.batch_size, f"dc-{cfg.seed}-{step}-{micro}")
+                ex = task.sample(dc, "held_in", cfg.batch_size, f"dc-{cfg.seed}-{step}-{micro}", literal)
                 rows = shard_rows(len(ex), env.rank, env.world_size)
             else:
                 idx = sampler.global_indices(step, micro)

@@ -160,7 +160,7 @@ def test_dictionary_stream_with_slots_reads_a_key_as_a_prompt_does():
     half = t.sample_dictionary(200, 2, pairs=4, slot_fraction=0.5)[2]
     share = (half[:, 2::3] == slot).float().mean().item()
     assert 0.4 < share < 0.6
-    with pytest.raises(ValueError, match="slot_fraction must be in"):
+    with pytest.raises(ValueError, match="slot_fraction must be a number in"):
         t.sample_dictionary(1, 0, pairs=1, slot_fraction=1.5)
 
 
@@ -193,6 +193,6 @@ def test_literal_operands_write_some_keys_as_their_numbers():
         assert a.answer == b.answer and a.value == b.value
     numeric = t.sample("kv_arithmetic", "held_in", 5, 3, literal_fraction=1.0)
     assert all(tok < t.tok.first_key_id for e in numeric for tok in e.prompt)
-    for bad, match in ((1.5, "literal_fraction must be in"), (0.5, "kv_arithmetic only")):
+    for bad, match in ((1.5, "literal_fraction must be a number in"), (0.5, "kv_arithmetic only")):
         with pytest.raises(ValueError, match=match):
             t.sample("kv_substitution" if bad == 0.5 else "kv_arithmetic", "held_in", 1, 0, literal_fraction=bad)

@@ -271,8 +271,9 @@ class KVArith:
         have their value's leading digits replaced in `inputs` by the slot tokens a key carries
         in a prompt ('k _ d1' for 'k d0 d1'; the labels stay `tokens`): m_A then predicts
         digit j+1 at a key's j-th slot, the state a composition reads in 'k _ + ...'."""
-        if not 0.0 <= slot_fraction <= 1.0:
-            raise ValueError(f"slot_fraction must be in [0, 1], got {slot_fraction!r}")
+        if isinstance(slot_fraction, bool) or not isinstance(slot_fraction, (int, float)) \
+                or not 0.0 <= slot_fraction <= 1.0:
+            raise ValueError(f"slot_fraction must be a number in [0, 1], got {slot_fraction!r}")
         rng = random.Random(f"dictionary-{split}-{seed}")
         keys, t = self.split_keys(split), self.tok
         slots = t.key_slots if not t.number_tokens else 0
@@ -306,8 +307,9 @@ class KVArith:
         For numeric_arithmetic the operands are the values of those keys (any value in
         [1, N_KV] for split 'all'). literal_fraction (kv_arithmetic only): each operand is
         written as its number instead of its key with this probability ('ab _ + 37 =')."""
-        if not 0.0 <= literal_fraction <= 1.0:
-            raise ValueError(f"literal_fraction must be in [0, 1], got {literal_fraction!r}")
+        if isinstance(literal_fraction, bool) or not isinstance(literal_fraction, (int, float)) \
+                or not 0.0 <= literal_fraction <= 1.0:
+            raise ValueError(f"literal_fraction must be a number in [0, 1], got {literal_fraction!r}")
         if literal_fraction and dataset != "kv_arithmetic":
             raise ValueError(f"literal_fraction applies to kv_arithmetic only, not {dataset!r}")
         rng = random.Random(f"{dataset}-{split}-{seed}")
