@@ -436,12 +436,22 @@ def check_targets(r: dict) -> dict:
     return out
 
 
+def _setup_line(r: dict) -> str:
+    c = r["config"]
+    lit = c.get("d_c_literal_fraction", 0.0)
+    return (f"CALM: mapping (m_A block, m_B layer; -1 = embedding output) {[tuple(p) for p in c['mapping']]}, "
+            f"{c['compose_train'].get('steps')} steps; D_C = {c['d_c'][0].replace('_', ' ')} over held-in keys"
+            + (f", each operand written as its number with probability {lit}" if lit and c["d_c"][0] == "kv_arithmetic"
+               else "") + ".")
+
+
 def markdown_table(r: dict) -> str:
     """The paper's layout (rows: datasets; columns: m_A, m_B, CALM), paper's numbers beside."""
     t, p, s = r["table"], r["paper"], r.get("table_std", {})
     seeds = r.get("seeds", [])
     lines = [f"Key-value arithmetic, exact match % (ours: {r['config']['eval_samples']} examples per cell; "
              f"CALM = mean ± std over seeds {seeds}; paper = Table 1 of CALM, ICLR 2024)", "",
+             _setup_line(r), "",
              "| dataset | m_A | m_B | CALM | paper m_A | paper m_B | paper CALM |", "|---|---|---|---|---|---|---|"]
     for d in DATASETS:
         sd = s.get(d, {}).get("calm", 0.0)
