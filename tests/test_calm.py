@@ -327,6 +327,16 @@ def test_save_load_bridges_roundtrip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bridges.safetensors", "calm_config.json"]
 
 
+def test_save_load_bridges_with_an_embedding_bridge(tmp_path):
+    calm = make_embedding_calm()
+    calm.save_bridges(tmp_path)
+    other = cf.CALM(calm.anchor, calm.augments, mapping=[(3, -1), (1, 1)])
+    other.load_bridges(tmp_path)
+    x = rand_tokens(2, 8)
+    torch.testing.assert_close(other(x), calm(x), atol=0, rtol=0)
+    assert cf.CompositionConfig.from_json((tmp_path / "calm_config.json").read_text()).mappings == [[(3, -1), (1, 1)]]
+
+
 def test_load_bridges_rejects_wrong_shapes(tmp_path):
     from calm_fast import checkpoint
     calm = make_calm()
