@@ -25,6 +25,16 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -70,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="composition data D_C over held-in keys (default kv_arithmetic, the paper's §3.2; "
                         "kv_substitution is its §4.1)")
     p.add_argument("--steps", type=_positive, default=None, help="composition training steps (default per scale)")
-    p.add_argument("--literal-fraction", type=float, default=None,
+    p.add_argument("--literal-fraction", type=_fraction, default=None,
                    help="share of D_C operands written as numbers instead of keys (default: "
                         "calm_fast.demo.DC_LITERAL_FRACTION; 0 = the paper's pure KV-Arithmetic D_C)")
     p.add_argument("--eval-samples", type=_positive, default=500, help="examples per table cell (default 500)")

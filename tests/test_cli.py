@@ -33,6 +33,13 @@ def test_bad_argument_is_one_line_without_traceback():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("value", ["1.5", "nan", "half"])
+def test_bad_literal_fraction_is_refused_before_any_work(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--literal-fraction", value])
+    assert e.value.code == 2 and "expected a number in [0, 1]" in capsys.readouterr().err
+
+
 def test_runtime_error_is_one_line(tmp_path, capsys):
     assert main(["eval", "--bases", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
