@@ -49,6 +49,15 @@ def verdict(ok: bool, how: str) -> str:
     return ("**met**" if ok else "**missed**") + f" ({how})"
 
 
+def _save(fig, name: str) -> str:
+    """Write one figure into PLOTS and close it; returns its file name."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(PLOTS / name, dpi=90)
+    plt.close(fig)
+    return name
+
+
 def plots(peer, roof, train) -> list[str]:
     try:
         import matplotlib
@@ -74,10 +83,7 @@ def plots(peer, roof, train) -> list[str]:
         rss = peer["peak_rss_mb"]
         axes[2].bar(["calm_fast", "CALM-pytorch"], [rss["ours"], rss["peer"]], color=["tab:blue", "tab:gray"])
         axes[2].set_title("peak RSS (MiB)")
-        fig.tight_layout()
-        fig.savefig(PLOTS / "peer.png", dpi=90)
-        plt.close(fig)
-        made.append("peer.png")
+        made.append(_save(fig, "peer.png"))
     if roof:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         names = ["composed", "anchor", "augment"]
@@ -90,10 +96,7 @@ def plots(peer, roof, train) -> list[str]:
         ax.set_ylabel("decode tokens/s (batch 1)")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(PLOTS / "roofline.png", dpi=90)
-        plt.close(fig)
-        made.append("roofline.png")
+        made.append(_save(fig, "roofline.png"))
     if train:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         names = list(train["tokens_per_s"])
@@ -102,10 +105,7 @@ def plots(peer, roof, train) -> list[str]:
             ax.axhline(peer["train_tokens_per_s"]["peer"], color="gray", ls="--", label="CALM-pytorch (peer.json)")
             ax.legend(fontsize=8)
         ax.set_ylabel("training tokens/s")
-        fig.tight_layout()
-        fig.savefig(PLOTS / "train.png", dpi=90)
-        plt.close(fig)
-        made.append("train.png")
+        made.append(_save(fig, "train.png"))
     return made
 
 

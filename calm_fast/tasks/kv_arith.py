@@ -271,9 +271,7 @@ class KVArith:
         have their value's leading digits replaced in `inputs` by the slot tokens a key carries
         in a prompt ('k _ d1' for 'k d0 d1'; the labels stay `tokens`): m_A then predicts
         digit j+1 at a key's j-th slot, the state a composition reads in 'k _ + ...'."""
-        if isinstance(slot_fraction, bool) or not isinstance(slot_fraction, (int, float)) \
-                or not 0.0 <= slot_fraction <= 1.0:
-            raise ValueError(f"slot_fraction must be a number in [0, 1], got {slot_fraction!r}")
+        _check_fraction("slot_fraction", slot_fraction)
         rng = random.Random(f"dictionary-{split}-{seed}")
         keys, t = self.split_keys(split), self.tok
         slots = t.key_slots if not t.number_tokens else 0
@@ -307,9 +305,7 @@ class KVArith:
         For numeric_arithmetic the operands are the values of those keys (any value in
         [1, N_KV] for split 'all'). literal_fraction (kv_arithmetic only): each operand is
         written as its number instead of its key with this probability ('ab _ + 37 =')."""
-        if isinstance(literal_fraction, bool) or not isinstance(literal_fraction, (int, float)) \
-                or not 0.0 <= literal_fraction <= 1.0:
-            raise ValueError(f"literal_fraction must be a number in [0, 1], got {literal_fraction!r}")
+        _check_fraction("literal_fraction", literal_fraction)
         if literal_fraction and dataset != "kv_arithmetic":
             raise ValueError(f"literal_fraction applies to kv_arithmetic only, not {dataset!r}")
         rng = random.Random(f"{dataset}-{split}-{seed}")
@@ -335,6 +331,11 @@ class KVArith:
         c = self.cfg
         prompt = 2 + c.max_operands * max(len(str(c.n_values or c.n_kv)), c.digits) + c.max_operands - 1
         return prompt + max(self.max_answer_len(d) for d in DATASETS)
+
+
+def _check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def _join(words: list[str], ops: list[str]) -> str:
