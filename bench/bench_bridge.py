@@ -14,6 +14,8 @@ Variants (all timed round-robin in one process; medians):
   decode   ref        reference.bridge_decode_step (folded W_kv)
            sdpa       linears + cache write + SDPA over the cache
            <backend>  ops.bridge_decode_step(..., backend=<backend>)
+           X+graph    (CUDA) X captured once in a CUDA graph and replayed: the device time,
+                      without Python's per-call dispatch, which at batch 1 can exceed it
   attention (CUDA, or --attention): the attention op alone vs SDPA (flash on CUDA), causal.
 Reports ms, TFLOP/s and GB/s (minimum bytes: weights + cache + activations) next to the
 machine's measured ceilings (bench/common.py). Writes bench/results/bridge_<device>.json + .png.
@@ -106,6 +108,26 @@ def bench_prefill(args, device, dtype, backends, es):
     return rows
 
 
+def cuda_graph_replay(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); replay() runs the same
+    kernels with no Python in between. None when fn cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay
+    except Exception as e:  # noqa: BLE001 - report and time the un-graphed variant only
+        print(f"cuda graph capture failed: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
 def bench_decode(args, device, dtype, backends, es):
     rows = []
     gen = torch.Generator().manual_seed(1)
@@ -136,6 +158,11 @@ def bench_decode(args, device, dtype, backends, es):
             for be in backends:
                 variants[be] = lambda be=be: ops.bridge_decode_step(*args_, backend=be)
             with torch.inference_mode():
+                if device.type == "cuda":  # device time without Python's per-call cost
+                    for name in ["sdpa", *backends]:
+                        replay = cuda_graph_replay(variants[name])
+                        if replay is not None:
+                            variants[f"{name}+graph"] = replay
                 res = common.compare(variants, device, repeats=args.repeats, min_sample_s=args.min_sample_s)
             nbytes = es * (2 * d_b * d_a + 2 * d_b * d_b + 2 * b * (pos + 1) * d_b + 2 * d_b)
             flops = 2 * b * (2 * d_b * d_a + 2 * d_b * d_b + 2 * (pos + 1) * d_b)

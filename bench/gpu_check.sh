@@ -4,12 +4,19 @@
 #     bash bench/gpu_check.sh            # files land in $OUT (or /tmp/calm_fast_gpu_check)
 # Stages (each runs whatever happened before; a failure is reported, not fatal):
 #   env -> build (fails fast: no native stage runs after a failed build) -> import ->
-#   test_cuda (tests/test_cuda_ops.py) -> test_triton (tests/test_triton_ops.py, if present) ->
-#   bench (bench/bench_bridge.py --device cuda --quick: prefill bridge vs eager vs SDPA,
-#   decode step B=1 D_B=4096 2048 cached rows, causal attention d=128 vs SDPA flash) -> summary.
-# The whole script keeps under ~7.5 minutes: every stage's timeout is cut to the time left.
-# Back in $OUT (at most 8 files): gpu_check.log, build.log, summary.txt, bridge_*.json/png,
-# junit_cuda.xml, attention_cuda.json/png.
+#   test_cuda (tests/test_cuda_ops.py) -> bench (bench/bench_bridge.py --device cuda --quick:
+#   prefill bridge vs eager vs SDPA, decode step B=1/4 D_B=4096 2048 cached rows, causal
+#   attention d=128 vs SDPA) -> bench_attn (Triton vs SDPA flash, fwd/bwd) -> onnx (ORT CUDA EP
+#   vs eager and torch.compile, only when an onnxruntime with CUDA is installed, see below) ->
+#   test_triton (GPU attention tests of tests/test_triton_ops.py) -> profile (ncu on one
+#   decode-step launch, bench/gpu_decode_once.py) -> calm (bench/gpu_calm_check.py)
+#   -> summary. Stages run in that order of importance; each one's timeout is cut to the time
+#   left of GPU_CHECK_BUDGET_S (default 500 s), so the last ones are skipped when time is short.
+# ONNX Runtime with CUDA: the machine's own onnxruntime has no CUDA EP. If .ortgpu/install.sh
+# exists (an onnxruntime-gpu copy carried with the call, see bench/RESULTS.md), it is unpacked
+# to /tmp/ortsite first and put ahead on PYTHONPATH for the onnx stage only.
+# Back in $OUT (at most 8 files): gpu_check.log, summary.txt, bridge_*.json/png,
+# junit_cuda.xml, attention_cuda.json/png, onnx_cuda.json.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -56,11 +63,11 @@ GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null 
 GPU_ARCH=${GPU_ARCH:-90}
 BUILD_OK=0
 if CALM_FAST_CUDA=ON CMAKE_CUDA_ARCHITECTURES="$GPU_ARCH" CMAKE_BUILD_PARALLEL_LEVEL=16 \
-   run_stage build 240 bash -c "$PY setup.py build_ext --inplace > '$OUT_DIR/build.log' 2>&1; rc=\$?; \
-     grep -E 'error|warning: |Built target|spill' '$OUT_DIR/build.log' | tail -40; exit \$rc"; then
+   run_stage build 240 bash -c "$PY setup.py build_ext --inplace > /tmp/calm_fast_build.log 2>&1; rc=\$?; \
+     grep -E 'error|warning: |Built target|spill' /tmp/calm_fast_build.log | tail -40; exit \$rc"; then
   BUILD_OK=1
 else
-  log "--- build failed; last lines of build.log:"; tail -60 "$OUT_DIR/build.log" | tee -a "$LOG"
+  log "--- build failed; last lines of the build log:"; tail -60 /tmp/calm_fast_build.log | tee -a "$LOG"
 fi
 
 # ---- native stages (only after a good build)
@@ -82,16 +89,36 @@ else
   skip_stage import "build failed"; skip_stage test_cuda "build failed"
 fi
 
-# GPU tests only (the file's interpreter tests run in CI); junit skipped to stay within 8 files.
-run_stage test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -k gpu
-
-# ---- the composed model end to end on the GPU: auto backends vs reference
-run_stage calm 90 "$PY" bench/gpu_calm_check.py
-
 # ---- bench (the Triton backend too when it loads; native variants only after a good build)
 run_stage bench 200 "$PY" bench/bench_bridge.py --device cuda --dtype bfloat16 --quick --out-dir "$OUT_DIR"
 run_stage bench_attn 200 env CALM_FAST_TRITON_AUTOTUNE=${CALM_FAST_TRITON_AUTOTUNE:-1} \
   "$PY" bench/bench_attention.py --quick --out-dir "$OUT_DIR"
+
+# ---- ONNX Runtime CUDA EP vs PyTorch (batch 1: torch.compile of more batch sizes takes minutes)
+if [[ -f .ortgpu/install.sh ]]; then
+  run_stage onnx 240 bash -c "source .ortgpu/install.sh && \
+    $PY -c 'import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())' && \
+    $PY bench/bench_onnx.py --device cuda --batches 1 --repeats 3 --out '$OUT_DIR/onnx_cuda.json'"
+else
+  skip_stage onnx "no .ortgpu/install.sh: this machine's onnxruntime has no CUDA EP"
+fi
+
+# The attention kernels' GPU tests (the file's interpreter tests run in CI; its GPU decode,
+# opcheck and inductor tests are left to a longer lease); junit skipped to stay within 8 files.
+run_stage test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -k attention_gpu
+
+# ---- where the decode kernel's time goes: Nsight Compute on one launch (clocks left alone)
+if (( BUILD_OK )) && command -v ncu >/dev/null; then
+  run_stage profile 90 ncu --clock-control none -k regex:decode_step_kernel -s 2 -c 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats "$PY" bench/gpu_decode_once.py
+else
+  skip_stage profile "no build or no ncu"
+fi
+
+# ---- the composed model end to end on the GPU: auto backends vs reference (fixed Triton
+# tiles: autotuning every prefill length would not fit the stage)
+run_stage calm 120 env CALM_FAST_TRITON_AUTOTUNE=0 "$PY" bench/gpu_calm_check.py
 
 # ---- summary
 {
@@ -124,6 +151,15 @@ for r in d["rows"]:
               f"x{r['speedup_vs_ref']:.2f} vs eager, x{r['speedup_vs_sdpa']:.2f} vs SDPA")
 PYEOF
   done
+  [[ -f $OUT_DIR/onnx_cuda.json ]] && "$PY" - "$OUT_DIR/onnx_cuda.json" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(f"onnxruntime {d['onnxruntime']} providers {d['ort_providers']}; notes: {d['notes']}")
+for r in d["results"]:
+    extra = "".join(f", x{r[k]:.2f} {k[len('speedup_'):]}" for k in r if k.startswith("speedup_vs_"))
+    print(f"onnx B={r['batch']} {r['engine']:>9}: decode {r['decode_tokens_per_s']:8.1f} tok/s, "
+          f"same tokens as eager: {r['same_tokens_as_eager']}{extra}")
+PYEOF
 } 2>&1 | tee "$OUT_DIR/summary.txt" | tee -a "$LOG"
 FAILED=0
 for s in "${STATUS[@]}"; do [[ $s == OK || $s == SKIP* ]] || FAILED=1; done

@@ -3,15 +3,20 @@
 // At batch 1 the step is bound by bytes: W_q, W_kv, W_o and the K/V cache are each read
 // once. A single launch has to use the whole GPU for all of it, so the kernel is persistent
 // (one wave of co-resident blocks, launched cooperatively) and walks three phases:
-//   1. GEMV rows, one warp per weight row: q = W_q h_b (pre-scaled by 1/sqrt(d)) into
-//      scratch, and [k|v] = W_kv h_a + b_kv written straight into cache row `pos`.
+//   1. GEMV rows, one warp per weight row and up to kMaxB batch rows per pass over it:
+//      q = W_q h_b (pre-scaled by 1/sqrt(d)) into scratch, and [k|v] = W_kv h_a + b_kv
+//      written straight into cache row `pos`.
 //   -- grid.sync()
-//   2. Split-K attention: one warp per (batch, head, 64-row chunk) of the cache writes a
-//      partial (max, sum, acc[d]); the last warp to finish a (batch, head) (atomic counter)
-//      merges its chunks into attn[b, h*d:(h+1)*d]. No extra sync for the merge.
+//   2. Split-K attention (flash-decoding): the cache rows of each (batch, head) are cut into
+//      chunks sized so that every warp of the grid gets about one; a warp reads its chunk
+//      with 16-byte loads (a row is D/8 lanes in bf16, so one load instruction covers
+//      several rows) and keeps an online softmax per row group, merged across the warp by
+//      shuffles into a partial (max, sum, acc[d]). The last warp to finish a (batch, head)
+//      (atomic counter) merges the chunks into attn[b, h*d:(h+1)*d]. No extra sync for that.
 //   -- grid.sync()
-//   3. out = h_b + W_o attn, one warp per row.
-// Weight rows are read with 16-byte loads, four in flight per lane, when aligned.
+//   3. out = h_b + W_o attn, one warp per row, as in phase 1.
+// Every phase keeps several 16-byte loads in flight per lane: at batch 1 the step is a
+// latency-bound stream unless about 40 KB per SM are outstanding.
 #include <cooperative_groups.h>
 
 #include <mutex>
@@ -27,9 +32,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunk = 64;   // cache rows per split-K item
-constexpr int kMaxD = 256;   // head dim limit: 8 elements per lane
-constexpr int kPL = kMaxD / 32;
+constexpr int kMinChunk = 16;  // fewest cache rows per split-K item (sizes the workspace)
+constexpr int kMaxD = 256;     // head dim limit
+constexpr int kMaxB = 4;       // batch rows that share one pass over a weight row
+constexpr int kWeightLoads = 8;  // 16-byte weight loads in flight per lane
 
 struct Layout {  // offsets into the fp32 workspace, in floats (each 16-byte aligned)
   int64_t q, attn, part, counters, total;
@@ -38,7 +44,7 @@ struct Layout {  // offsets into the fp32 workspace, in floats (each 16-byte ali
 __host__ __device__ inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
 
 __host__ __device__ inline Layout layout(int64_t B, int64_t DB, int64_t H, int64_t S) {
-  const int64_t D = DB / H, nch = (S + kChunk - 1) / kChunk;
+  const int64_t D = DB / H, nch = (S + kMinChunk - 1) / kMinChunk;
   Layout l;
   l.q = 0;
   l.attn = round4(B * DB);
@@ -50,6 +56,7 @@ __host__ __device__ inline Layout layout(int64_t B, int64_t DB, int64_t H, int64
 
 struct VecFlags {
   bool q, kv, o;  // 16-byte loads allowed for W_q/h_b, W_kv/h_a, W_o/attn
+  bool cache;     // 16-byte loads of K/V cache rows (VecRows below)
 };
 
 // x as N floats: fp32 scratch (written by other blocks this launch: .cg) or T inputs.
@@ -75,40 +82,234 @@ template <typename X> __device__ __forceinline__ float scalar_x(const X* x, int6
   else return to_f(x[i]);
 }
 
-// Warp-wide dot product of a weight row with x (length L); every lane gets the result.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[Vec<T>::N]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::N; ++i) out[i] = to_f(e[i]);
+}
+
+// Warp-wide dot products of one weight row w (length L) with nb <= kMaxB vectors
+// x + bb * sx: the row is read once for all of them. Every lane gets acc[bb].
 template <typename T, typename X>
-__device__ float row_dot(const T* __restrict__ w, const X* __restrict__ x, int64_t L, int lane, bool vec) {
-  float acc = 0.f;
+__device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64_t sx, int nb, int64_t L,
+                         int lane, bool vec, float (&acc)[kMaxB]) {
+#pragma unroll
+  for (int bb = 0; bb < kMaxB; ++bb) acc[bb] = 0.f;
   if (vec) {
-    constexpr int N = Vec<T>::N;
+    constexpr int N = Vec<T>::N, U = kWeightLoads;
     const int64_t chunks = L / N;
+    const uint4* w4 = reinterpret_cast<const uint4*>(w);
     int64_t c = lane;
-    for (; c + 96 < chunks; c += 128) {  // four 16-byte weight loads in flight per lane
-      float wv[4][N], xv[N];
+    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {  // U weight loads in flight per lane
+      uint4 raw[U];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) load16<T>(w + (c + 32 * u) * N, wv[u]);
+      for (int u = 0; u < U; ++u) raw[u] = __ldg(w4 + c + 32 * u);
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        load_x<T, X>(x + (c + 32 * u) * N, xv);
+      for (int u = 0; u < U; ++u) {
+        float wv[N];
+        unpack<T>(raw[u], wv);
 #pragma unroll
-        for (int e = 0; e < N; ++e) acc = fmaf(wv[u][e], xv[e], acc);
+        for (int bb = 0; bb < kMaxB; ++bb) {
+          if (bb < nb) {
+            float xv[N];
+            load_x<T, X>(x + bb * sx + (c + 32 * u) * N, xv);
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[bb] = fmaf(wv[e], xv[e], acc[bb]);
+          }
+        }
       }
     }
     for (; c < chunks; c += 32) {
-      float wv[N], xv[N];
-      load16<T>(w + c * N, wv);
-      load_x<T, X>(x + c * N, xv);
+      float wv[N];
+      unpack<T>(__ldg(w4 + c), wv);
 #pragma unroll
-      for (int e = 0; e < N; ++e) acc = fmaf(wv[e], xv[e], acc);
+      for (int bb = 0; bb < kMaxB; ++bb) {
+        if (bb < nb) {
+          float xv[N];
+          load_x<T, X>(x + bb * sx + c * N, xv);
+#pragma unroll
+          for (int e = 0; e < N; ++e) acc[bb] = fmaf(wv[e], xv[e], acc[bb]);
+        }
+      }
     }
   } else {
-    for (int64_t i = lane; i < L; i += 32) acc = fmaf(to_f(w[i]), scalar_x(x, i), acc);
+    for (int64_t i = lane; i < L; i += 32) {
+      const float wi = to_f(w[i]);
+#pragma unroll
+      for (int bb = 0; bb < kMaxB; ++bb)
+        if (bb < nb) acc[bb] = fmaf(wi, scalar_x(x + bb * sx, i), acc[bb]);
+    }
   }
-  return warp_sum(acc);
+#pragma unroll
+  for (int bb = 0; bb < kMaxB; ++bb) acc[bb] = warp_sum(acc[bb]);
 }
 
+// How a warp lays cache rows over its lanes in phase 2. Each lane holds E elements of a row
+// (dims dim(li, t), t < E); a row spans `lanes` lanes, so one warp covers 32 / lanes rows.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
+struct VecRows {  // 16-byte loads: E = 8 (16-bit) or 4 (fp32) consecutive dims per lane
+  static constexpr int E = Vec<T>::N;
+  static constexpr int U = 4;  // rows per lane group in flight
+  using Raw = uint4;
+  int lanes;
+  __device__ explicit VecRows(int64_t D) : lanes(int(D / E)) {}
+  __device__ int64_t dim(int li, int t) const { return int64_t(li) * E + t; }
+  __device__ bool valid(int li, int t) const { return true; }
+  __device__ Raw load(const T* row, int li) const { return __ldcg(reinterpret_cast<const uint4*>(row) + li); }
+  __device__ void unpack_to(const Raw& r, float (&out)[E]) const { unpack<T>(r, out); }
+};
+
+template <typename T>
+struct ScalarRows {  // any head dim <= kMaxD: one row per warp, dims lane + 32 t
+  static constexpr int E = kMaxD / 32;
+  static constexpr int U = 2;
+  struct Raw { T v[E]; };
+  int64_t D;
+  int lanes = 32;
+  __device__ explicit ScalarRows(int64_t d) : D(d) {}
+  __device__ int64_t dim(int li, int t) const { return li + 32 * t; }
+  __device__ bool valid(int li, int t) const { return li + 32 * t < D; }
+  __device__ Raw load(const T* row, int li) const {
+    Raw r;
+#pragma unroll
+    for (int t = 0; t < E; ++t) r.v[t] = valid(li, t) ? __ldcg(row + li + 32 * t) : from_f<T>(0.f);
+    return r;
+  }
+  __device__ void unpack_to(const Raw& r, float (&out)[E]) const {
+#pragma unroll
+    for (int t = 0; t < E; ++t) out[t] = to_f(r.v[t]);
+  }
+};
+
+// Online-softmax state of one row group: running max m, sum l, acc[E]; `bad`: a kept score
+// was NaN; `any`: the mask kept some key.
+template <int E>
+struct Softmax {
+  float m = -INFINITY, l = 0.f, acc[E];
+  bool bad = false, any = false;
+  __device__ Softmax() {
+#pragma unroll
+    for (int t = 0; t < E; ++t) acc[t] = 0.f;
+  }
+  // Adds key score s with value row v. A visible key whose weight underflows still
+  // multiplies its row, so 0 * NaN stays NaN, as in the reference.
+  __device__ void add(float s, const float (&v)[E]) {
+    any = true;
+    if (s != s) { bad = true; return; }
+    const float mn = fmaxf(m, s);
+    if (mn == -INFINITY) return;  // every score so far -inf: nothing to weigh yet
+    const float alpha = expf(m - mn), pj = expf(s - mn);
+    l = l * alpha + pj;
+#pragma unroll
+    for (int t = 0; t < E; ++t) acc[t] = fmaf(pj, v[t], acc[t] * alpha);
+    m = mn;
+  }
+  // Merges the state held by lane ^ offset (all 32 lanes must call this together).
+  __device__ void merge_xor(int offset) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, offset), l2 = __shfl_xor_sync(0xffffffffu, l, offset);
+    bad |= __shfl_xor_sync(0xffffffffu, int(bad), offset) != 0;
+    any |= __shfl_xor_sync(0xffffffffu, int(any), offset) != 0;
+    const float mn = fmaxf(m, m2);
+    const float f1 = mn == -INFINITY ? 0.f : expf(m - mn), f2 = mn == -INFINITY ? 0.f : expf(m2 - mn);
+#pragma unroll
+    for (int t = 0; t < E; ++t) {
+      const float a2 = __shfl_xor_sync(0xffffffffu, acc[t], offset);
+      acc[t] = mn == -INFINITY ? acc[t] + a2 : f1 * acc[t] + f2 * a2;
+    }
+    l = mn == -INFINITY ? 0.f : f1 * l + f2 * l2;
+    m = mn;
+  }
+};
+
+// Phase 2 for one item: cache rows [j0, j1) of (b, h) into the partial `mine` (D + 2 floats).
+template <typename T, class Rows>
+__device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const float* qh, int64_t b, int64_t h,
+                             int64_t j0, int64_t j1, float* mine, int lane) {
+  constexpr int E = Rows::E, U = Rows::U;
+  const int li = lane % rows.lanes, g = lane / rows.lanes, groups = 32 / rows.lanes;
+  float qr[E];
+#pragma unroll
+  for (int t = 0; t < E; ++t) qr[t] = rows.valid(li, t) ? __ldcg(qh + rows.dim(li, t)) : 0.f;
+  const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
+  const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
+  Softmax<E> sm;
+  for (int64_t j = j0 + g; j - g < j1; j += int64_t(groups) * U) {  // uniform trip count
+    typename Rows::Raw kr[U], vr[U];
+    bool in[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // issue every K and V load of U rows first
+      const int64_t jj = j + int64_t(u) * groups;
+      in[u] = jj < j1;
+      if (in[u]) {
+        kr[u] = rows.load(kb + jj * p.skc[2], li);
+        vr[u] = rows.load(vb + jj * p.svc[2], li);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[E], s = 0.f;
+      if (in[u]) {
+        rows.unpack_to(kr[u], kf);
+#pragma unroll
+        for (int t = 0; t < E; ++t) s = fmaf(qr[t], kf[t], s);
+      }
+      for (int o = rows.lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const int64_t jj = j + int64_t(u) * groups;
+      if (in[u] && (p.kpm == nullptr || p.kpm[b * p.skpm[0] + jj * p.skpm[1]])) {
+        float vf[E];
+        rows.unpack_to(vr[u], vf);
+        sm.add(s, vf);
+      }
+    }
+  }
+  for (int o = rows.lanes; o < 32; o <<= 1) sm.merge_xor(o);
+  if (g == 0) {
+    if (li == 0) {
+      mine[0] = sm.bad ? NAN : sm.m;
+      // l = -1 marks "the mask allowed keys here, all scored -inf" for the merge.
+      mine[1] = sm.bad ? NAN : ((sm.any && sm.m == -INFINITY) ? -1.f : sm.l);
+    }
+#pragma unroll
+    for (int t = 0; t < E; ++t)
+      if (rows.valid(li, t)) mine[2 + rows.dim(li, t)] = sm.acc[t];
+  }
+}
+
+// Merges the nch partials of (b, h) into attn[b, h*D : (h+1)*D] (one warp).
+__device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* out, int lane) {
+  const float ninf = -INFINITY;
+  float M = ninf;
+  bool poisoned = false, seen = false;
+  for (int64_t cc = 0; cc < nch; ++cc) {
+    const float m = __ldcg(first + cc * (D + 2));
+    poisoned |= m != m;
+    seen |= m != ninf || __ldcg(first + cc * (D + 2) + 1) < 0.f;
+    M = fmaxf(M, m);
+  }
+  poisoned |= seen && M == ninf;  // allowed keys, every score -inf: NaN as softmax
+  float L = 0.f;
+  if (!poisoned && M != ninf)
+    for (int64_t cc = 0; cc < nch; ++cc) {
+      const float m = __ldcg(first + cc * (D + 2));
+      if (m != ninf) L += expf(m - M) * __ldcg(first + cc * (D + 2) + 1);
+    }
+  const float inv = poisoned ? NAN : (L > 0.f ? 1.f / L : 0.f);
+  for (int64_t d = lane; d < D; d += 32) {
+    float o = 0.f;
+    if (!poisoned && M != ninf)
+      for (int64_t cc = 0; cc < nch; ++cc) {
+        const float* pc = first + cc * (D + 2);
+        const float m = __ldcg(pc);
+        if (m != ninf) o = fmaf(expf(m - M), __ldcg(pc + 2 + d), o);
+      }
+    out[d] = o * inv;
+  }
+}
+
+// kVecCache picks the phase-2 row layout at compile time: inlining both spills registers.
+template <typename T, bool kVecCache>
+__global__ void __launch_bounds__(kThreads, 2) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
   cg::grid_group grid = cg::this_grid();
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + wib, nwarps = int64_t(gridDim.x) * kWarps;
@@ -130,99 +331,42 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
   const float scale = 1.0f / sqrtf(float(D));
   const int64_t rows1 = DB + (append ? 2 * DB : 0);
   for (int64_t r = warp; r < rows1; r += nwarps) {
-    if (r < DB) {
-      const T* w = static_cast<const T*>(p.w_q) + r * p.swq;
-      for (int64_t b = 0; b < B; ++b) {
-        const float acc = row_dot<T, T>(w, h_b + b * p.shb, DB, lane, vec.q);
-        if (lane == 0) q[b * DB + r] = acc * scale;
-      }
-    } else {
-      const int64_t rr = r - DB, c = rr % DB, head = c / D, d = c % D;
-      const T* w = static_cast<const T*>(p.w_kv) + rr * p.swkv;
-      const float bias = to_f(static_cast<const T*>(p.b_kv)[rr * p.sbkv]);
-      T* cache = static_cast<T*>(rr < DB ? p.kc : p.vc);
-      const int64_t* cs = rr < DB ? p.skc : p.svc;
-      for (int64_t b = 0; b < B; ++b) {
-        const float acc = row_dot<T, T>(w, static_cast<const T*>(p.h_a) + b * p.sha, DA, lane, vec.kv);
-        if (lane == 0) cache[b * cs[0] + head * cs[1] + p.pos * cs[2] + d] = from_f<T>(acc + bias);
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxB) {
+      const int nb = int(min(int64_t(kMaxB), B - b0));
+      float acc[kMaxB];
+      if (r < DB) {
+        rows_dot<T, T>(static_cast<const T*>(p.w_q) + r * p.swq, h_b + b0 * p.shb, p.shb, nb, DB, lane, vec.q, acc);
+#pragma unroll
+        for (int bb = 0; bb < kMaxB; ++bb)
+          if (bb < nb && lane == bb) q[(b0 + bb) * DB + r] = acc[bb] * scale;
+      } else {
+        const int64_t rr = r - DB, c = rr % DB, head = c / D, d = c % D;
+        const float bias = to_f(static_cast<const T*>(p.b_kv)[rr * p.sbkv]);
+        T* cache = static_cast<T*>(rr < DB ? p.kc : p.vc);
+        const int64_t* cs = rr < DB ? p.skc : p.svc;
+        rows_dot<T, T>(static_cast<const T*>(p.w_kv) + rr * p.swkv, static_cast<const T*>(p.h_a) + b0 * p.sha,
+                       p.sha, nb, DA, lane, vec.kv, acc);
+#pragma unroll
+        for (int bb = 0; bb < kMaxB; ++bb)
+          if (bb < nb && lane == bb)
+            cache[(b0 + bb) * cs[0] + head * cs[1] + p.pos * cs[2] + d] = from_f<T>(acc[bb] + bias);
       }
     }
   }
   grid.sync();
 
   // ---- phase 2: split-K attention over cache rows [0, n), merged by the last warp
-  __shared__ float s_sh[kWarps][kChunk];
-  const int64_t nch = (n + kChunk - 1) / kChunk, items = B * H * nch;
-  const float ninf = -INFINITY;
+  const int64_t per_head = max(int64_t(1), nwarps / max(int64_t(1), B * H));
+  int64_t chunk = (n + per_head - 1) / per_head;
+  chunk = (max(chunk, int64_t(kMinChunk)) + kMinChunk - 1) / kMinChunk * kMinChunk;
+  const int64_t nch = (n + chunk - 1) / chunk, items = B * H * nch;
   for (int64_t it = warp; it < items; it += nwarps) {
     const int64_t b = it / (H * nch), h = (it / nch) % H, c = it % nch;
-    const int64_t j0 = c * kChunk, j1 = min(n, j0 + kChunk);
-    float qr[kPL];
-#pragma unroll
-    for (int t = 0; t < kPL; ++t) {
-      const int64_t d = lane + 32 * t;
-      qr[t] = d < D ? __ldcg(q + b * DB + h * D + d) : 0.f;
-    }
-    const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
-    const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
-    float mx = ninf;
-    bool bad = false, any = false;
-    for (int64_t j = j0; j < j1; j += 4) {  // four rows' loads in flight
-      float sc[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        float acc = 0.f;
-        if (j + u < j1) {
-          const T* kr = kb + (j + u) * p.skc[2];
-#pragma unroll
-          for (int t = 0; t < kPL; ++t) {
-            const int64_t d = lane + 32 * t;
-            if (d < D) acc = fmaf(qr[t], to_f(__ldcg(kr + d)), acc);
-          }
-        }
-        sc[u] = acc;
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (j + u >= j1) break;
-        float s = warp_sum(sc[u]);
-        const bool keep = p.kpm == nullptr || p.kpm[b * p.skpm[0] + (j + u) * p.skpm[1]];
-        s = keep ? s : ninf;
-        any |= keep;
-        bad |= s != s;
-        mx = fmaxf(mx, s);
-        if (lane == 0) s_sh[wib][j + u - j0] = s;
-      }
-    }
-    __syncwarp();
-    float l = 0.f, acc[kPL];
-#pragma unroll
-    for (int t = 0; t < kPL; ++t) acc[t] = 0.f;
-    if (!bad && mx != ninf) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const float sj = s_sh[wib][j - j0];
-        if (sj == ninf) continue;  // masked (uniform across the warp); an underflowed visible
-        const float pj = expf(sj - mx);  // key still counts, so 0 * NaN stays NaN
-        l += pj;
-        const T* vr = vb + j * p.svc[2];
-#pragma unroll
-        for (int t = 0; t < kPL; ++t) {
-          const int64_t d = lane + 32 * t;
-          if (d < D) acc[t] = fmaf(pj, to_f(__ldcg(vr + d)), acc[t]);
-        }
-      }
-    }
+    const int64_t j0 = c * chunk, j1 = min(n, j0 + chunk);
+    const float* qh = q + b * DB + h * D;
     float* mine = part + it * (D + 2);
-    if (lane == 0) {
-      mine[0] = bad ? NAN : mx;
-      // l = -1 marks "the mask allowed keys here, all scored -inf" for the merge.
-      mine[1] = bad ? NAN : ((any && mx == ninf) ? -1.f : l);
-    }
-#pragma unroll
-    for (int t = 0; t < kPL; ++t) {
-      const int64_t d = lane + 32 * t;
-      if (d < D) mine[2 + d] = acc[t];
-    }
+    if constexpr (kVecCache) attend_chunk<T>(p, VecRows<T>(D), qh, b, h, j0, j1, mine, lane);
+    else attend_chunk<T>(p, ScalarRows<T>(D), qh, b, h, j0, j1, mine, lane);
     __threadfence();
     __syncwarp();
     int last = 0;
@@ -230,57 +374,45 @@ __global__ void __launch_bounds__(kThreads, 3) decode_step_kernel(DecodeParams p
     last = __shfl_sync(0xffffffffu, last, 0);
     if (last) {  // every chunk of (b, h) is written: merge them
       __threadfence();
-      const float* first = part + (b * H + h) * nch * (D + 2);
-      float M = ninf;
-      bool poisoned = false, seen = false;
-      for (int64_t cc = 0; cc < nch; ++cc) {
-        const float m = __ldcg(first + cc * (D + 2));
-        poisoned |= m != m;
-        seen |= m != ninf || __ldcg(first + cc * (D + 2) + 1) < 0.f;
-        M = fmaxf(M, m);
-      }
-      poisoned |= seen && M == ninf;  // allowed keys, every score -inf: NaN as softmax
-      float L = 0.f, o[kPL];
-#pragma unroll
-      for (int t = 0; t < kPL; ++t) o[t] = 0.f;
-      if (!poisoned && M != ninf) {
-        for (int64_t cc = 0; cc < nch; ++cc) {
-          const float* pc = first + cc * (D + 2);
-          const float m = __ldcg(pc);
-          if (m == ninf) continue;
-          const float f = expf(m - M);
-          L += f * __ldcg(pc + 1);
-#pragma unroll
-          for (int t = 0; t < kPL; ++t) {
-            const int64_t d = lane + 32 * t;
-            if (d < D) o[t] = fmaf(f, __ldcg(pc + 2 + d), o[t]);
-          }
-        }
-      }
-      const float inv = poisoned ? NAN : (L > 0.f ? 1.f / L : 0.f);
-#pragma unroll
-      for (int t = 0; t < kPL; ++t) {
-        const int64_t d = lane + 32 * t;
-        if (d < D) attn[b * DB + h * D + d] = o[t] * inv;
-      }
+      merge_chunks(part + (b * H + h) * nch * (D + 2), nch, D, attn + b * DB + h * D, lane);
     }
   }
   grid.sync();
 
   // ---- phase 3: out = h_b + W_o attn
   for (int64_t r = warp; r < DB; r += nwarps) {
-    const T* w = static_cast<const T*>(p.w_o) + r * p.swo;
-    for (int64_t b = 0; b < B; ++b) {
-      const float acc = row_dot<T, float>(w, attn + b * DB, DB, lane, vec.o);
-      if (lane == 0)
-        static_cast<T*>(p.out)[b * p.sout + r] = from_f<T>(to_f(h_b[b * p.shb + r]) + acc);
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxB) {
+      const int nb = int(min(int64_t(kMaxB), B - b0));
+      float acc[kMaxB];
+      rows_dot<T, float>(static_cast<const T*>(p.w_o) + r * p.swo, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc);
+#pragma unroll
+      for (int bb = 0; bb < kMaxB; ++bb)
+        if (bb < nb && lane == bb) {
+          const int64_t b = b0 + bb;
+          static_cast<T*>(p.out)[b * p.sout + r] = from_f<T>(to_f(h_b[b * p.shb + r]) + acc[bb]);
+        }
     }
   }
 }
 
+bool aligned16_host(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 bool rows_aligned(const void* base, int64_t row_stride, int64_t len, int64_t elem) {
-  return (reinterpret_cast<uintptr_t>(base) & 15u) == 0 && (row_stride * elem) % 16 == 0 &&
+  return aligned16_host(base) && (row_stride * elem) % 16 == 0 &&
          (len * elem) % 16 == 0;
+}
+
+// VecRows needs whole 16-byte pieces per row, a power-of-two number of them (<= 32 lanes),
+// and every row of both caches 16-byte aligned.
+bool cache_rows_vectorizable(const DecodeParams& p, int64_t es) {
+  const int64_t per = 16 / es, lanes = p.D / per;
+  if (p.D % per != 0 || lanes < 1 || lanes > 32 || (lanes & (lanes - 1)) != 0) return false;
+  for (const void* base : {static_cast<const void*>(p.kc), static_cast<const void*>(p.vc)})
+    if (!aligned16_host(base)) return false;
+  for (const int64_t* st : {p.skc, p.svc})
+    for (int i = 0; i < 3; ++i)
+      if ((st[i] * es) % 16 != 0) return false;
+  return true;
 }
 
 struct GridInfo {
@@ -288,8 +420,8 @@ struct GridInfo {
   bool coop = false;
 };
 
-template <typename T>
-cudaError_t grid_info(GridInfo* out) {
+template <typename T, bool kVecCache>
+cudaError_t grid_info(GridInfo* out) {  // per kernel instantiation (its own statics)
   static std::mutex mu;
   static GridInfo cache[64];
   static bool have[64] = {};
@@ -304,7 +436,7 @@ cudaError_t grid_info(GridInfo* out) {
   int sms = 0, per_sm = 0, coop = 0;
   if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
   if ((e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev)) != cudaSuccess) return e;
-  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_step_kernel<T>, kThreads, 0)) != cudaSuccess)
+  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_step_kernel<T, kVecCache>, kThreads, 0)) != cudaSuccess)
     return e;
   GridInfo g;
   g.blocks = sms * per_sm;
@@ -317,25 +449,32 @@ cudaError_t grid_info(GridInfo* out) {
   return cudaSuccess;
 }
 
-template <typename T>
-cudaError_t launch_typed(const DecodeParams& p, void* workspace, cudaStream_t stream, std::string* why) {
+template <typename T, bool kVecCache>
+cudaError_t launch_variant(const DecodeParams& p, float* ws, VecFlags vec, cudaStream_t stream, std::string* why) {
   GridInfo g;
-  cudaError_t e = grid_info<T>(&g);
+  cudaError_t e = grid_info<T, kVecCache>(&g);
   if (e != cudaSuccess) return e;
   if (!g.coop || g.blocks <= 0) {
     *why = "this GPU cannot launch cooperative kernels";
     return cudaErrorNotSupported;
   }
+  DecodeParams pc = p;
+  void* args[] = {&pc, &ws, &vec};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(decode_step_kernel<T, kVecCache>), dim3(g.blocks),
+                                     dim3(kThreads), args, 0, stream);
+}
+
+template <typename T>
+cudaError_t launch_typed(const DecodeParams& p, void* workspace, cudaStream_t stream, std::string* why) {
   const int64_t es = sizeof(T);
   VecFlags vec;
   vec.q = rows_aligned(p.w_q, p.swq, p.DB, es) && rows_aligned(p.h_b, p.shb, p.DB, es);
   vec.kv = p.h_a != nullptr && rows_aligned(p.w_kv, p.swkv, p.DA, es) && rows_aligned(p.h_a, p.sha, p.DA, es);
   vec.o = rows_aligned(p.w_o, p.swo, p.DB, es) && p.DB % 4 == 0;
-  DecodeParams pc = p;
+  vec.cache = cache_rows_vectorizable(p, es);
   float* ws = static_cast<float*>(workspace);
-  void* args[] = {&pc, &ws, &vec};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(decode_step_kernel<T>), dim3(g.blocks),
-                                     dim3(kThreads), args, 0, stream);
+  return vec.cache ? launch_variant<T, true>(p, ws, vec, stream, why)
+                   : launch_variant<T, false>(p, ws, vec, stream, why);
 }
 
 }  // namespace
