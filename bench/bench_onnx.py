@@ -11,7 +11,8 @@ Engines:
             driven by the same greedy loop
   ort       export/ort_generate.py on CPUExecutionProvider (--device cpu) or
             CUDAExecutionProvider (--device cuda; recorded as missing when this onnxruntime
-            has no CUDA EP)
+            has no CUDA EP); with --attention standard mha, also ort_<device>_mha (the export with
+            com.microsoft MultiHeadAttention)
 JSON goes to bench/results/onnx_<device>.json.
 """
 from __future__ import annotations
@@ -128,7 +129,8 @@ def main(argv=None):
     p.add_argument("--augment-dim", type=int, default=256)
     p.add_argument("--augment-layers", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads")
-    p.add_argument("--attention", choices=eo.ATTENTION_IMPLS, default="standard")
+    p.add_argument("--attention", choices=eo.ATTENTION_IMPLS, nargs="+", default=["standard"],
+                   help="ONNX attention form(s); each is exported and timed as its own ORT engine")
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile (its CPU build takes minutes per batch size on 2 cores)")
     p.add_argument("--out", default=None)
@@ -140,18 +142,21 @@ def main(argv=None):
     device = torch.device(args.device)
     calm = build_model(args)
     results, notes = [], []
+    provider = "cuda" if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        eo.export_onnx(calm, tmp, attention=args.attention)
-        gen = None
-        provider = "cuda" if args.device == "cuda" else "cpu"
-        try:
-            gen = OrtGenerator(tmp, provider, threads=args.threads)
-        except ValueError as e:
-            notes.append(f"ort {provider}: {e}")
-            print(f"ort {provider} skipped: {e}", file=sys.stderr)
+        gens = {}  # engine name -> OrtGenerator, one per exported attention form
+        for attention in args.attention:
+            name = f"ort_{provider}" + ("" if attention == "standard" else f"_{attention}")
+            out_dir = Path(tmp) / attention
+            eo.export_onnx(calm, out_dir, attention=attention)
+            try:
+                gens[name] = OrtGenerator(out_dir, provider, threads=args.threads)
+            except ValueError as e:
+                notes.append(f"{name}: {e}")
+                print(f"{name} skipped: {e}", file=sys.stderr)
         calm.to(device)
         specs = eo._io_spec(calm.anchor, calm, "float32")[0]
-        step = eo._Step(calm.anchor, calm, args.attention, torch.float32).to(device).eval()
+        step = eo._Step(calm.anchor, calm, "standard", torch.float32).to(device).eval()
         compiled = None if args.no_compile else torch.compile(step, dynamic=True)
         sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
         for batch in args.batches:
@@ -161,8 +166,8 @@ def main(argv=None):
             if compiled is not None:
                 engines.append(("compiled", lambda: compiled_stream(compiled, specs, prompts, n, device,
                                                                    torch.float32)))
-            if gen is not None:
-                engines.append((f"ort_{provider}", lambda: gen.stream(prompts, n)))
+            for name, gen in gens.items():
+                engines.append((name, lambda gen=gen: gen.stream(prompts, n)))
             row = {}
             for name, make in engines:
                 r = measure(name, make, args.repeats, batch, n, sync)
@@ -173,12 +178,11 @@ def main(argv=None):
             for name, r in row.items():
                 r["same_tokens_as_eager"] = r.pop("_ids") == ref
                 results.append(r)
-            ort_row = row.get(f"ort_{provider}")
-            if ort_row:
+            for name in gens:
                 for base in ("eager", "compiled"):
                     if base in row:
-                        ort_row[f"speedup_vs_{base}"] = (ort_row["decode_tokens_per_s"]
-                                                         / row[base]["decode_tokens_per_s"])
+                        row[name][f"speedup_vs_{base}"] = (row[name]["decode_tokens_per_s"]
+                                                           / row[base]["decode_tokens_per_s"])
     report = {
         "bench": "onnx", "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),

@@ -98,7 +98,7 @@ run_stage bench_attn 200 env CALM_FAST_TRITON_AUTOTUNE=${CALM_FAST_TRITON_AUTOTU
 if [[ -f .ortgpu/install.sh ]]; then
   run_stage onnx 240 bash -c "source .ortgpu/install.sh && \
     $PY -c 'import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())' && \
-    $PY bench/bench_onnx.py --device cuda --batches 1 --repeats 3 --out '$OUT_DIR/onnx_cuda.json'"
+    $PY bench/bench_onnx.py --device cuda --batches 1 --repeats 3 --attention standard mha --out '$OUT_DIR/onnx_cuda.json'"
 else
   skip_stage onnx "no .ortgpu/install.sh: this machine's onnxruntime has no CUDA EP"
 fi
