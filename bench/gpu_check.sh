@@ -96,7 +96,7 @@ run_stage bench_attn 200 env CALM_FAST_TRITON_AUTOTUNE=${CALM_FAST_TRITON_AUTOTU
 
 # ---- ONNX Runtime CUDA EP vs PyTorch (batch 1: torch.compile of more batch sizes takes minutes)
 if [[ -f .ortgpu/install.sh ]]; then
-  run_stage onnx 240 bash -c "source .ortgpu/install.sh && \
+  run_stage onnx 240 bash -c "source .ortgpu/install.sh && $PY .ortgpu/check.py && \
     $PY -c 'import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())' && \
     $PY bench/bench_onnx.py --device cuda --batches 1 --repeats 3 --attention standard mha --out '$OUT_DIR/onnx_cuda.json'"
 else
