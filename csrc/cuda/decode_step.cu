@@ -276,34 +276,57 @@ __device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const floa
   }
 }
 
-// Merges the nch partials of (b, h) into attn[b, h*D : (h+1)*D] (one warp).
+// Merges the nch partials of (b, h) into attn[b, h*D : (h+1)*D] (one warp). Lane c owns
+// chunks c, c + 32, ... for the max and the sum; the weighted sum of the partial outputs then
+// walks the chunks with several independent loads in flight, each lane over its own dims.
+// (A chunk loop with one dependent L2 round trip per step was the kernel's serial tail.)
 __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* out, int lane) {
-  const float ninf = -INFINITY;
-  float M = ninf;
+  constexpr int kPL = kMaxD / 32;
+  const int64_t stride = D + 2;
+  float mx = -INFINITY;
   bool poisoned = false, seen = false;
-  for (int64_t cc = 0; cc < nch; ++cc) {
-    const float m = __ldcg(first + cc * (D + 2));
+  for (int64_t c = lane; c < nch; c += 32) {
+    const float m = __ldcg(first + c * stride), l = __ldcg(first + c * stride + 1);
     poisoned |= m != m;
-    seen |= m != ninf || __ldcg(first + cc * (D + 2) + 1) < 0.f;
-    M = fmaxf(M, m);
+    seen |= m != -INFINITY || l < 0.f;
+    mx = fmaxf(mx, m);
   }
-  poisoned |= seen && M == ninf;  // allowed keys, every score -inf: NaN as softmax
-  float L = 0.f;
-  if (!poisoned && M != ninf)
-    for (int64_t cc = 0; cc < nch; ++cc) {
-      const float m = __ldcg(first + cc * (D + 2));
-      if (m != ninf) L += expf(m - M) * __ldcg(first + cc * (D + 2) + 1);
-    }
-  const float inv = poisoned ? NAN : (L > 0.f ? 1.f / L : 0.f);
-  for (int64_t d = lane; d < D; d += 32) {
-    float o = 0.f;
-    if (!poisoned && M != ninf)
-      for (int64_t cc = 0; cc < nch; ++cc) {
-        const float* pc = first + cc * (D + 2);
-        const float m = __ldcg(pc);
-        if (m != ninf) o = fmaf(expf(m - M), __ldcg(pc + 2 + d), o);
+  const float M = warp_max(mx);
+  poisoned = __any_sync(0xffffffffu, poisoned);
+  seen = __any_sync(0xffffffffu, seen);
+  poisoned |= seen && M == -INFINITY;  // allowed keys, every score -inf: NaN as softmax
+  float acc[kPL], lsum = 0.f;
+#pragma unroll
+  for (int t = 0; t < kPL; ++t) acc[t] = 0.f;
+  if (!poisoned && M != -INFINITY) {  // warp-uniform
+    for (int64_t c0 = 0; c0 < nch; c0 += 32) {
+      float f = 0.f;  // this lane's chunk weight exp(m_c - M)
+      if (c0 + lane < nch) {
+        const float m = __ldcg(first + (c0 + lane) * stride);
+        if (m != -INFINITY) {
+          f = expf(m - M);
+          lsum = fmaf(f, __ldcg(first + (c0 + lane) * stride + 1), lsum);
+        }
       }
-    out[d] = o * inv;
+      const int cnt = int(min(int64_t(32), nch - c0));
+#pragma unroll 4
+      for (int j = 0; j < cnt; ++j) {
+        const float fj = __shfl_sync(0xffffffffu, f, j);
+        const float* pc = first + (c0 + j) * stride + 2;
+#pragma unroll
+        for (int t = 0; t < kPL; ++t) {
+          const int64_t d = lane + 32 * t;
+          if (d < D) acc[t] = fmaf(fj, __ldcg(pc + d), acc[t]);
+        }
+      }
+    }
+  }
+  const float L = warp_sum(lsum);
+  const float inv = poisoned ? NAN : (L > 0.f ? 1.f / L : 0.f);
+#pragma unroll
+  for (int t = 0; t < kPL; ++t) {
+    const int64_t d = lane + 32 * t;
+    if (d < D) out[d] = acc[t] * inv;
   }
 }
 
@@ -321,6 +344,12 @@ __global__ void __launch_bounds__(kThreads, 2) decode_step_kernel(DecodeParams p
   int* counters = reinterpret_cast<int*>(ws + lay.counters);
   const bool append = p.h_a != nullptr;
   const T* h_b = static_cast<const T*>(p.h_b);
+
+  // Phase 2's split: cache rows per item sized so that every warp of the grid gets about one.
+  const int64_t per_head = max(int64_t(1), nwarps / max(int64_t(1), B * H));
+  int64_t chunk = (n + per_head - 1) / per_head;
+  chunk = (max(chunk, int64_t(kMinChunk)) + kMinChunk - 1) / kMinChunk * kMinChunk;
+  const int64_t nch = (n + chunk - 1) / chunk, items = B * H * nch;
 
   // ---- phase 1: q and the new K/V row
   if (blockIdx.x == 0)
@@ -356,10 +385,6 @@ __global__ void __launch_bounds__(kThreads, 2) decode_step_kernel(DecodeParams p
   grid.sync();
 
   // ---- phase 2: split-K attention over cache rows [0, n), merged by the last warp
-  const int64_t per_head = max(int64_t(1), nwarps / max(int64_t(1), B * H));
-  int64_t chunk = (n + per_head - 1) / per_head;
-  chunk = (max(chunk, int64_t(kMinChunk)) + kMinChunk - 1) / kMinChunk * kMinChunk;
-  const int64_t nch = (n + chunk - 1) / chunk, items = B * H * nch;
   for (int64_t it = warp; it < items; it += nwarps) {
     const int64_t b = it / (H * nch), h = (it / nch) % H, c = it % nch;
     const int64_t j0 = c * chunk, j1 = min(n, j0 + chunk);
