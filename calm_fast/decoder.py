@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import DecoderConfig
 from .validation import check_tokens, check_attention_mask
@@ -99,8 +100,22 @@ class Attention(nn.Module):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         attn_mask, is_causal = mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        y = _sdpa(q, k, v, attn_mask, is_causal, cached=cache is not None)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+# SDPA backends for cached CUDA steps: all but cuDNN attention, which torch prefers on Hopper
+# but which builds a new execution plan for every new key length, and a cached decode step's
+# key length grows by one per token (public reports: tens of ms per build; an H100 run of
+# bench/gpu_calm_check.py generated at 9.8 tokens/s). Flash / memory-efficient need no plans.
+_CACHED_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q, k, v, attn_mask, is_causal: bool, cached: bool):
+    if cached and q.is_cuda and not torch.compiler.is_compiling():
+        with sdpa_kernel(_CACHED_CUDA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 class MLP(nn.Module):
