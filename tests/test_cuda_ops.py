@@ -80,8 +80,10 @@ def test_cuda_matches_cpu_kernel_and_empty_rows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("context", [False, True], ids=["aligned", "context"])
 @pytest.mark.parametrize("kpm_kind", ["none", "random"])
+# b = 5: more batch rows than one pass over a weight row takes (4); d = 256: the kernel's limit.
 @pytest.mark.parametrize("b,h,d,d_a,s,pos", [(1, 1, 1, 1, 1, 0), (1, 4, 16, 40, 50, 17),
                                              (3, 3, 5, 13, 7, 6), (2, 2, 64, 96, 130, 129),
+                                             (5, 2, 64, 24, 67, 66), (1, 2, 256, 64, 40, 39),
                                              (1, 32, 128, 2048, 2048, 2000)])
 def test_decode_step_matches_reference(b, h, d, d_a, s, pos, kpm_kind, context, dtype):
     gen = torch.Generator().manual_seed(2)
