@@ -177,13 +177,20 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "python": platform.python_version(),
               "dtype": "bfloat16", "flops_note": "fwd 4BHTqTkd, bwd 2.5x fwd, causal halved",
-              "attention": attn, "decode": decode, "triton_over_sdpa": summary}
+              "attention": attn, "decode": decode, "triton_over_sdpa": summary,
+              # which tile each tuned kernel chose per key (TQ/TK length buckets, head dim,
+              # causal, padding, precision): what to start from when tuning further
+              "autotuned_configs": {name: {str(k): str(c) for k, c in getattr(t, "cache", {}).items()}
+                                    for name, t in tx._TUNED.items()}}
     json_path = out_dir / f"attention_{tag}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     plot(attn, out_dir / f"attention_{tag}.png",
          f"cross-attention bf16 on {torch.cuda.get_device_name()} (torch {torch.__version__}, "
          f"triton {triton.__version__})")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    for name, chosen in result["autotuned_configs"].items():
+        for key, cfg in chosen.items():
+            print(f"autotuned {name} {key}: {cfg}")
     for pass_ in ("fwd", "bwd"):
         got = [v for k, v in summary.items() if k.startswith(pass_) and v is not None
                and not math.isnan(v)]
