@@ -1,5 +1,6 @@
 """Composition training throughput at the reference configuration: eager vs torch.compile vs
-the native-kernel backend ("cpp"), each a full step (forward + backward + AdamW on Θ_C).
+the native-kernel backend ("cpp") vs augment-state caching, each a full step (forward +
+backward + AdamW on Θ_C).
 
     cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_train.py [--repeats 5] [--threads N]
 
@@ -7,7 +8,10 @@ Reference configuration (bench/README.md): anchor 12 x 512 (8 heads), augment 6 
 (4 heads), vocab 256, bridges [(1, 2), (2, 5), (4, 8), (5, 11)] (0-based), batch 4 x 256,
 fp32. Variants are timed round-robin (rotating which goes first) so load on a shared
 machine hits them alike. The cpp variants are skipped, with a note, when
-calm_fast.ops.available_backends() does not list "cpp". Writes bench/results/train_cpu.json.
+calm_fast.ops.available_backends() does not list "cpp". "cached_states" is the eager step
+with the augment's tapped states read from a calm_fast.state_cache.StateCache (float32
+storage, built once before timing; the memory-mapped read is inside the timed step) instead
+of running the augment model. Writes bench/results/train_cpu.json.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import calm_fast as cf  # noqa: E402
+from calm_fast.state_cache import StateCache, build_state_cache, forward_with_states  # noqa: E402
 
 REF = {"vocab": 256, "max_seq_len": 512, "anchor": (12, 512, 8), "augment": (6, 256, 4),
        "mapping": [(1, 2), (2, 5), (4, 8), (5, 11)], "batch": 4, "seq": 256}
@@ -41,16 +47,26 @@ def build(backend: str, ref: dict) -> cf.CALM:
 
 
 class Variant:
-    def __init__(self, name: str, backend: str, compiled: bool, ref: dict, seq: torch.Tensor):
+    def __init__(self, name: str, backend: str, compiled: bool, ref: dict, seq: torch.Tensor,
+                 cached_states: bool = False):
         self.name = name
         self.calm = build(backend, ref)
         self.opt = torch.optim.AdamW(self.calm.trainable_parameters(), lr=1e-4)
         self.inp, self.labels = seq[:, :-1], seq[:, 1:]
         calm = self.calm
+        if cached_states:
+            self._tmp = tempfile.TemporaryDirectory(prefix="calm_fast_bench_states_")
+            path = build_state_cache(calm, self.inp.tolist(), Path(self._tmp.name) / "states", dtype="float32")
+            cache, rows = StateCache(path, calm), list(range(self.inp.shape[0]))
 
-        def loss_fn(inp, labels):
-            logits = calm(inp)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            def loss_fn(inp, labels):
+                states, _ = cache.batch(rows)
+                logits = forward_with_states(calm, inp, states)
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        else:
+            def loss_fn(inp, labels):
+                logits = calm(inp)
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         self.loss_fn = torch.compile(loss_fn) if compiled else loss_fn
         t = time.perf_counter()
         self.first_loss = float(self.step())  # compiles, when compiled
@@ -69,7 +85,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="rounds; each times every variant once")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--variants", default="eager,compile,cpp_eager,cpp_compile")
+    ap.add_argument("--variants", default="eager,compile,cpp_eager,cpp_compile,cached_states")
     ap.add_argument("--small", action="store_true", help="tiny models: a plumbing check, not a result")
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))
     args = ap.parse_args()
@@ -80,16 +96,17 @@ def main():
         ref.update(anchor=(4, 128, 4), augment=(4, 64, 2), mapping=[(1, 1), (3, 3)], seq=64)
     seq = torch.randint(0, ref["vocab"], (ref["batch"], ref["seq"] + 1), generator=torch.Generator().manual_seed(1234))
     have_cpp = "cpp" in cf.ops.available_backends("cpu")
-    specs = {"eager": ("reference", False), "compile": ("reference", True),
-             "cpp_eager": ("cpp", False), "cpp_compile": ("cpp", True)}
+    specs = {"eager": ("reference", False, False), "compile": ("reference", True, False),
+             "cpp_eager": ("cpp", False, False), "cpp_compile": ("cpp", True, False),
+             "cached_states": ("reference", False, True)}
     notes, variants = [], []
     for name in args.variants.split(","):
-        backend, compiled = specs[name]
+        backend, compiled, cached = specs[name]
         if backend == "cpp" and not have_cpp:
             notes.append(f"{name}: skipped, calm_fast.ops.available_backends() has no 'cpp' (extension not built)")
             continue
         print(f"building {name}", file=sys.stderr, flush=True)
-        variants.append(Variant(name, backend, compiled, ref, seq))
+        variants.append(Variant(name, backend, compiled, ref, seq, cached))
     losses = {v.name: v.first_loss for v in variants}
     times = {v.name: [] for v in variants}
     for r in range(args.repeats):

@@ -203,7 +203,7 @@ def roof_section(roof) -> list[str]:
 
 
 def train_section(train, peer) -> list[str]:
-    out = ["## 3. Training throughput: eager vs torch.compile vs native kernels", ""]
+    out = ["## 3. Training throughput: eager vs torch.compile vs native kernels vs augment-state caching", ""]
     if not train:
         return out + ["_Not run: `bench/results/train_cpu.json` is missing._", ""]
     out += [f"Command: `{train['command']}`. torch threads: {train['config']['threads']}; "
