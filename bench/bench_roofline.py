@@ -15,8 +15,12 @@ bandwidth / bytes-read-per-token. We measure
     weights (W_q, [W_k W_p; W_v W_p], b_kv, W_o) + every KV row read (anchor, augment, bridge
     caches) at the mean decode position.
 Reports the fraction of the roofline reached, and composition overhead = composed step /
-(anchor step + augment step). Also saves a torch.profiler table of composed decode steps.
-Writes bench/results/roofline_cpu.json.
+(anchor step + augment step), measured twice: from the generation times above, and from
+single cached decode steps at the mean decode position, the three models interleaved step by
+step for --step-rounds rounds (each session prefilled once; no generation loop, sampling or
+prompt handling in the timed region; each model reads its weights from memory as in
+generation, since the three together are far larger than the cache). Also saves a
+torch.profiler table of composed decode steps. Writes bench/results/roofline_cpu.json.
 """
 from __future__ import annotations
 
@@ -92,6 +96,33 @@ def gen_time(model, prompt, n):
     return time.perf_counter() - t
 
 
+@torch.inference_mode()
+def single_step_times(models: dict, prompt_len: int, vocab: int, rounds: int) -> dict:
+    """Median seconds of one cached decode step at position `prompt_len`, per model, the
+    models interleaved (order reversed every other round)."""
+    g = torch.Generator().manual_seed(99)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g)
+    tok = torch.randint(0, vocab, (1, 1), generator=g)
+    steps = {}
+    for name, m in models.items():
+        if isinstance(m, cf.CALM):
+            session = m.start_session(1, prompt_len + 1)
+            session.step(prompt, None, 0)
+            steps[name] = lambda s=session: s.step(tok, None, prompt_len, validate=False)
+        else:
+            cache = m.setup_cache(1, prompt_len + 1)
+            m(prompt, None, cache=cache, pos=0)
+            steps[name] = lambda m=m, c=cache: m(tok, None, cache=c, pos=prompt_len, validate=False)
+    times = {k: [] for k in steps}
+    for r in range(rounds + 3):  # the first 3 rounds warm up
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            t = time.perf_counter()
+            steps[name]()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t)
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in times.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -99,6 +130,7 @@ def main():
     ap.add_argument("--bw-mb", type=int, default=1024, help="bandwidth buffer size, MiB")
     ap.add_argument("--new-tokens", type=int, default=REF["new_tokens"])
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--step-rounds", type=int, default=60, help="rounds of the single-step overhead measurement")
     ap.add_argument("--out", default=str(ROOT / "bench/results/roofline_cpu.json"))
     args = ap.parse_args()
     if args.threads:
@@ -150,6 +182,10 @@ def main():
     res["composed_fraction_of_roofline"] = roof["composed"]["fraction_of_roofline"]
     res["anchor_fraction_of_roofline"] = roof["anchor"]["fraction_of_roofline"]
     res["composition_overhead"] = med["composed"] / (med["anchor"] + med["augment"])
+    single = single_step_times(models, int(mean_pos), v, args.step_rounds)
+    res["single_step_s"] = single
+    res["composition_overhead_single_step"] = single["composed"]["median"] / (
+        single["anchor"]["median"] + single["augment"]["median"])
     # where a composed decode step's time goes
     from torch.profiler import ProfilerActivity, profile, record_function
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -160,7 +196,8 @@ def main():
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(res["profile_composed_generate32"], file=sys.stderr)
     print(json.dumps({k: res[k] for k in ("tokens_per_s", "composed_fraction_of_roofline",
-                                          "anchor_fraction_of_roofline", "composition_overhead")}, indent=2))
+                                          "anchor_fraction_of_roofline", "composition_overhead",
+                                          "composition_overhead_single_step")}, indent=2))
 
 
 def _cpu() -> str:

@@ -195,11 +195,23 @@ def roof_section(roof) -> list[str]:
     out += ["", f"- Composed decode at **{fr:.0%}** of the roofline (target ≥ 60%): "
             + verdict(fr >= TARGETS["roofline"], f"{fr / TARGETS['roofline']:.2f} of target"),
             f"- Anchor alone at **{roof['anchor_fraction_of_roofline']:.0%}** of its roofline.",
-            f"- Composition overhead, composed step / (anchor step + augment step) = **{ov:.3f}** (target ≤ 1.10): "
-            + verdict(ov <= TARGETS["overhead"], f"{ov:.3f} vs 1.10"), "",
+            f"- Composition overhead, composed step / (anchor step + augment step), from the generation "
+            f"times = **{ov:.3f}** (target ≤ 1.10): " + verdict(ov <= TARGETS["overhead"], f"{ov:.3f} vs 1.10"),
+            *_single_step_lines(roof), "",
             "Profile of 32 composed decode tokens (torch.profiler, sorted by self CPU time):", "", "```",
             roof["profile_composed_generate32"].rstrip(), "```", ""]
     return out
+
+
+def _single_step_lines(roof) -> list[str]:
+    """The second overhead estimate (interleaved single cached steps), when the run has it."""
+    if "composition_overhead_single_step" not in roof:
+        return []
+    s, ov = roof["single_step_s"], roof["composition_overhead_single_step"]
+    ms = ", ".join(f"{k} {s[k]['median'] * 1e3:.2f} ms" for k in ("composed", "anchor", "augment"))
+    return [f"- The same ratio from single cached decode steps at the mean position, the three models "
+            f"interleaved step by step ({s['composed']['n']} rounds; medians {ms}) = **{ov:.3f}**: "
+            + verdict(ov <= TARGETS["overhead"], f"{ov:.3f} vs 1.10")]
 
 
 def train_section(train, peer) -> list[str]:
@@ -271,7 +283,12 @@ def main():
         fr, ov = roof["composed_fraction_of_roofline"], roof["composition_overhead"]
         lines.append(f"| composed decode ≥ 60% of the bandwidth roofline | {fr:.0%} — "
                      + verdict(fr >= 0.6, f"{fr / 0.6:.2f} of target") + " |")
-        lines.append(f"| composition overhead ≤ 1.10 | {ov:.3f} — " + verdict(ov <= 1.10, f"{ov:.3f} ≤ 1.10" if ov <= 1.10 else f"{ov:.3f} > 1.10") + " |")
+        lines.append(f"| composition overhead ≤ 1.10 (from generation times) | {ov:.3f} — "
+                     + verdict(ov <= 1.10, f"{ov:.3f} ≤ 1.10" if ov <= 1.10 else f"{ov:.3f} > 1.10") + " |")
+        if "composition_overhead_single_step" in roof:
+            o1 = roof["composition_overhead_single_step"]
+            lines.append(f"| composition overhead ≤ 1.10 (interleaved single steps) | {o1:.3f} — "
+                         + verdict(o1 <= 1.10, f"{o1:.3f} ≤ 1.10" if o1 <= 1.10 else f"{o1:.3f} > 1.10") + " |")
     lines.append("")
     if ANALYSIS_FILE.exists():
         lines += ["## Analysis", "", ANALYSIS_FILE.read_text().strip(), ""]
