@@ -351,13 +351,14 @@ def test_bindings_raise_python_exceptions():
         C.attn_fwd("q", good, good, None, 0, good, lse)
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
 def test_every_instruction_set_copy(isa):
     # The kernels are compiled once per ISA and picked at run time: check the narrower copies.
     C = native._C
     widest = C.cpu_isa()
     try:
-        assert C.set_cpu_isa(isa) in (isa, "default")
+        order = ["default", "avx2", "avx512"]  # a CPU without `isa` gets a narrower copy
+        assert order.index(C.set_cpu_isa(isa)) <= order.index(isa)
         g = torch.Generator().manual_seed(0)
         for dt in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(2, 3, 45, 40, generator=g).to(dt).requires_grad_() for _ in range(3))
@@ -369,10 +370,18 @@ def test_every_instruction_set_copy(isa):
             want.sum().backward()
             for got, exp in ((out, want), (q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
                 assert rel(got, exp) <= 2 * TOL[dt]
-            args = _decode_case(2, 4, 16, 24, 33, dt, False, "random")
-            up = [None if t is None else t.double() for t in args]
-            want = ref.bridge_decode_step(*up[:6], up[6].clone(), up[7].clone(), 20, 4, args[8])
-            assert rel(native.bridge_decode_step(*args[:8], 20, 4, args[8]), want) <= TOL[dt]
+        # The decode step's blocked dot products: head dims below, at and off the vector
+        # width, cache lengths off the key block, padding, and float64's narrower lanes.
+        for dt in (torch.float32, torch.bfloat16, torch.float64):
+            for b, h, d, d_a, s, pos, kpm_kind in [(2, 4, 16, 24, 33, 20, "random"),
+                                                   (3, 3, 5, 13, 7, 6, "empty_row"),
+                                                   (1, 2, 64, 40, 50, 36, "none"),
+                                                   (2, 1, 67, 9, 41, 40, "random")]:
+                args = _decode_case(b, h, d, d_a, s, dt, False, kpm_kind)
+                up = [None if t is None else t.double() for t in args]
+                want = ref.bridge_decode_step(*up[:6], up[6].clone(), up[7].clone(), pos, h, args[8])
+                got = native.bridge_decode_step(*args[:8], pos, h, args[8])
+                assert rel(got, want) <= TOL[dt], (isa, dt, b, h, d, s, pos)
     finally:
         C.set_cpu_isa(widest)
 

@@ -4,62 +4,15 @@
 // [k|v] = W_kv h_a + b_kv, rows spread over threads, each weight row read once for the
 // whole batch and the new K/V row written straight into the caches; (2) attention of each
 // (batch, head) over the cache rows; (3) out = h_b + W_o attn. At batch 1 this is bound
-// by reading the weights, so the loops are streaming dot products the compiler vectorises.
+// by reading the weights and the cache, so every phase is streaming dot products with
+// explicit vector accumulators (rowdot.hpp).
 #pragma once
 #include "../params.hpp"
 #include "numeric.hpp"
+#include "rowdot.hpp"
 
 namespace cf {
 namespace CF_ISA_NS {
-
-// sum_i w[i] * x[i] with 16 independent partial sums: vectorises on every ISA and breaks
-// the FMA latency chain (a single-accumulator loop can stay scalar after inlining).
-template <typename T, typename A>
-inline A dot(const T* __restrict w, const A* __restrict x, int64_t n) {
-  constexpr int L = 16;
-  A part[L];
-  for (int l = 0; l < L; ++l) part[l] = A(0);
-  int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int l = 0; l < L; ++l) part[l] += to_acc(w[i + l]) * x[i + l];
-  A acc = 0;
-  for (; i < n; ++i) acc += to_acc(w[i]) * x[i];
-  for (int l = 0; l < L; ++l) acc += part[l];
-  return acc;
-}
-
-// out[b] = w · x[b * ldx : ...] for b < NB: the weight row is loaded and converted once for
-// the whole batch (at batch > 1, re-converting bf16 weights per row costs more than the bytes).
-template <int NB, typename T, typename A>
-inline void dot_nb(const T* __restrict w, const A* __restrict x, int64_t ldx, int64_t n, A* out) {
-  constexpr int L = 16;
-  A part[NB][L];
-  for (int b = 0; b < NB; ++b)
-    for (int l = 0; l < L; ++l) part[b][l] = A(0);
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    A wf[L];
-    for (int l = 0; l < L; ++l) wf[l] = to_acc(w[i + l]);
-    for (int b = 0; b < NB; ++b)
-      for (int l = 0; l < L; ++l) part[b][l] += wf[l] * x[b * ldx + i + l];
-  }
-  for (int b = 0; b < NB; ++b) {
-    A acc = 0;
-    for (int64_t k = i; k < n; ++k) acc += to_acc(w[k]) * x[b * ldx + k];
-    for (int l = 0; l < L; ++l) acc += part[b][l];
-    out[b] = acc;
-  }
-}
-
-template <typename T, typename A>
-inline void dot_batch(const T* w, const A* x, int64_t ldx, int nb, int64_t n, A* out) {
-  switch (nb) {
-    case 1: out[0] = dot(w, x, n); break;
-    case 2: dot_nb<2>(w, x, ldx, n, out); break;
-    case 3: dot_nb<3>(w, x, ldx, n, out); break;
-    default: dot_nb<4>(w, x, ldx, n, out); break;
-  }
-}
 
 template <typename T>
 bool decode_impl(const DecodeParams& p, int nthreads) {
@@ -109,9 +62,10 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
         }
       }
     }
-    // Phase 2: softmax(q k^T) v per (batch, head) over cache rows [0, n).
-    Buf<A> s(n);
-    const bool ok = s.ok();
+    // Phase 2: softmax(q k^T) v per (batch, head) over cache rows [0, n): all scores first
+    // (rowdot.hpp's blocked dot products), then the weights, then one pass over V.
+    Buf<A> s(n), pw(n);
+    const bool ok = s.ok() && pw.ok();
     if (!ok) {
 #pragma omp atomic write
       failed = true;
@@ -122,15 +76,23 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
       A* y = &attn[b * DB + h * D];
       for (int64_t d = 0; d < D; ++d) y[d] = A(0);
       if (!ok) continue;
-      const A* qh = &q[b * DB + h * D];
       const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
       const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
+      row_scores(&q[b * DB + h * D], kb, p.skc[2], n, D, s.data());
+      int bad = 0, any = 0;
       A mx = neg_inf<A>();
-      bool bad = false, any = false;
+      if (p.kpm != nullptr) {
+        const uint8_t* keep = p.kpm + b * p.skpm[0];
+        for (int64_t j = 0; j < n; ++j) {
+          const int kj = keep[j * p.skpm[1]] != 0;
+          any |= kj;
+          s[j] = kj ? s[j] : neg_inf<A>();
+        }
+      } else {
+        any = n > 0;
+      }
+#pragma omp simd reduction(| : bad) reduction(max : mx)
       for (int64_t j = 0; j < n; ++j) {
-        const bool keep = p.kpm == nullptr || p.kpm[b * p.skpm[0] + j * p.skpm[1]];
-        any |= keep;
-        s[j] = keep ? dot(kb + j * p.skc[2], qh, D) : neg_inf<A>();
         bad |= s[j] != s[j];
         mx = mx > s[j] ? mx : s[j];
       }
@@ -141,14 +103,12 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
       }
       if (mx == neg_inf<A>()) continue;  // nothing visible: output 0
       A sum = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        if (s[j] == neg_inf<A>()) continue;  // masked; a visible key counts even if its
-        const A pj = exp_neg(s[j] - mx);        // weight underflows (0 * NaN must stay NaN)
-        sum += pj;
-        const T* vr = vb + j * p.svc[2];
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) y[d] += pj * to_acc(vr[d]);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {  // masked keys: exp(-inf) = 0, and skipped below
+        pw[j] = exp_neg(s[j] - mx);
+        sum += pw[j];
       }
+      row_weighted_sum(pw.data(), s.data(), vb, p.svc[2], n, D, y);
       const A inv = A(1) / sum;
       for (int64_t d = 0; d < D; ++d) y[d] *= inv;
     }
