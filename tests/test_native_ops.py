@@ -37,8 +37,9 @@ def make_kpm(b: int, tk: int, kind: str, gen: torch.Generator) -> torch.Tensor |
 
 
 # (B, H, Tq, Tk, d): size 1, primes, non-multiples of the 32/64 blocks, Tq != Tk, Tq = 1.
+# Tq <= 3 takes the kernel's per-row path (attention.hpp, kRowPathMaxTq), the rest the tiles.
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 1, 37, 16), (1, 2, 13, 13, 7), (2, 2, 67, 131, 64),
-          (1, 1, 97, 97, 128), (3, 1, 5, 70, 33)]
+          (1, 1, 97, 97, 128), (3, 1, 5, 70, 33), (2, 2, 3, 70, 67), (1, 3, 2, 2, 64)]
 
 
 def _attention_case(shape, mask, kind, dtype, seed=0):
@@ -360,8 +361,9 @@ def test_every_instruction_set_copy(isa):
         order = ["default", "avx2", "avx512"]  # a CPU without `isa` gets a narrower copy
         assert order.index(C.set_cpu_isa(isa)) <= order.index(isa)
         g = torch.Generator().manual_seed(0)
-        for dt in (torch.float32, torch.bfloat16):
-            q, k, v = (torch.randn(2, 3, 45, 40, generator=g).to(dt).requires_grad_() for _ in range(3))
+        for dt, tq in ((torch.float32, 45), (torch.bfloat16, 45), (torch.float32, 2), (torch.bfloat16, 3)):
+            q = torch.randn(2, 3, tq, 40, generator=g).to(dt).requires_grad_()
+            k, v = (torch.randn(2, 3, 45, 40, generator=g).to(dt).requires_grad_() for _ in range(2))
             kpm = torch.rand(2, 45, generator=g) > 0.2
             out = native.cross_attention(q, k, v, "aligned", kpm)
             out.sum().backward()

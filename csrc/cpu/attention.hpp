@@ -9,6 +9,7 @@
 #include "../params.hpp"
 #include "microkernels.hpp"
 #include "numeric.hpp"
+#include "rowdot.hpp"
 
 namespace cf {
 namespace CF_ISA_NS {
@@ -112,9 +113,48 @@ inline int64_t last_key(const AttnParams& p, int64_t i) {
   return p.aligned ? i + (p.Tk - p.Tq) : p.Tk - 1;
 }
 
+// The forward for a few query rows (a decode step through cross_attention): no key tile
+// would be reused enough to pay for converting and transposing it, so each row attends on
+// its own with rowdot.hpp's blocked dot products. Same outputs and lse as the tiled path.
+constexpr int64_t kRowPathMaxTq = 3;  // measured crossover: 3-4 rows (bf16), ~6 (fp32)
+
+template <typename T>
+bool attn_fwd_rows_impl(const AttnParams& p, int nthreads) {
+  using A = typename acc_of<T>::type;
+  const int64_t D = p.D, rows = p.B * p.H * p.Tq;
+  const A scale = A(1) / std::sqrt(A(D));
+  bool failed = false;
+#pragma omp parallel num_threads(nthreads)
+  {
+    Buf<A> qf(D), y(D), s(p.Tk), pw(p.Tk);
+    const bool ok = qf.ok() && y.ok() && s.ok() && pw.ok();
+    if (!ok) {
+#pragma omp atomic write
+      failed = true;
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!ok) continue;
+      const int64_t b = r / (p.H * p.Tq), h = (r / p.Tq) % p.H, i = r % p.Tq;
+      const T* qp = row_ptr<T>(p.q, p.sq, b, h, i);
+      for (int64_t d = 0; d < D; ++d) qf[d] = to_acc(qp[d]) * scale;
+      const int64_t n = imax(0, imin(p.Tk, last_key(p, i) + 1));  // keys the row may see
+      const uint8_t* keep = p.kpm == nullptr ? nullptr : p.kpm + b * p.skpm[0];
+      const A lse = attend_row(qf.data(), row_ptr<T>(p.k, p.sk, b, h, 0), p.sk[2],
+                               row_ptr<T>(p.v, p.sv, b, h, 0), p.sv[2], n, D, keep, p.skpm[1],
+                               s.data(), pw.data(), y.data());
+      T* op = row_ptr_mut<T>(p.out, p.so, b, h, i);
+      for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(y[d]);
+      *row_ptr_mut<A>(p.lse, p.sl, b, h, i) = lse;
+    }
+  }
+  return !failed;
+}
+
 // Returns false only when scratch memory could not be allocated.
 template <typename T>
 bool attn_fwd_impl(const AttnParams& p, int nthreads) {
+  if (p.Tq <= kRowPathMaxTq) return attn_fwd_rows_impl<T>(p, nthreads);
   using A = typename acc_of<T>::type;
   static_assert(kBQ % kRows == 0 && kBK % (kNV * lanes<A>()) == 0, "tile sizes");
   constexpr int KW = kNV * lanes<A>();  // keys per register tile

@@ -74,43 +74,12 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
     for (int64_t bh = 0; bh < B * H; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       A* y = &attn[b * DB + h * D];
-      for (int64_t d = 0; d < D; ++d) y[d] = A(0);
       if (!ok) continue;
       const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
       const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
-      row_scores(&q[b * DB + h * D], kb, p.skc[2], n, D, s.data());
-      int bad = 0, any = 0;
-      A mx = neg_inf<A>();
-      if (p.kpm != nullptr) {
-        const uint8_t* keep = p.kpm + b * p.skpm[0];
-        for (int64_t j = 0; j < n; ++j) {
-          const int kj = keep[j * p.skpm[1]] != 0;
-          any |= kj;
-          s[j] = kj ? s[j] : neg_inf<A>();
-        }
-      } else {
-        any = n > 0;
-      }
-#pragma omp simd reduction(| : bad) reduction(max : mx)
-      for (int64_t j = 0; j < n; ++j) {
-        bad |= s[j] != s[j];
-        mx = mx > s[j] ? mx : s[j];
-      }
-      if (bad || (any && mx == neg_inf<A>())) {  // NaN score, or every allowed score -inf:
-                                                 // softmax gives NaN, as in the reference
-        for (int64_t d = 0; d < D; ++d) y[d] = std::numeric_limits<A>::quiet_NaN();
-        continue;
-      }
-      if (mx == neg_inf<A>()) continue;  // nothing visible: output 0
-      A sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {  // masked keys: exp(-inf) = 0, and skipped below
-        pw[j] = exp_neg(s[j] - mx);
-        sum += pw[j];
-      }
-      row_weighted_sum(pw.data(), s.data(), vb, p.svc[2], n, D, y);
-      const A inv = A(1) / sum;
-      for (int64_t d = 0; d < D; ++d) y[d] *= inv;
+      const uint8_t* keep = p.kpm == nullptr ? nullptr : p.kpm + b * p.skpm[0];
+      attend_row(&q[b * DB + h * D], kb, p.skc[2], vb, p.svc[2], n, D, keep, p.skpm[1], s.data(),
+                 pw.data(), y);
     }
     // Phase 3: out = h_b + W_o attn.
 #pragma omp for schedule(static)

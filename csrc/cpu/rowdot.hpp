@@ -1,4 +1,5 @@
-// Dot products of one row against many, for the decode step.
+// Dot products of one row against many, and one query row's attention built on them: the
+// decode step's attention and the forward for a few query rows.
 //
 // The prefill kernel reuses each key tile for 64 query rows; a decode step has one query row
 // per head, so its work is plain dot products whose cost is the horizontal sum at the end of
@@ -177,11 +178,12 @@ inline void row_scores(const A* __restrict q, const T* __restrict k, int64_t ldk
   for (; j < n; ++j) s[j] = dot(k + j * ldk, q, D);
 }
 
-// y[0:D] = sum of p[j] * row j over the j < n with s[j] != -inf (masked keys are skipped,
-// not weighted by 0, so an inf or NaN in their values cannot reach y); row j at v + j * ldv.
+// y[0:D] = sum of p[j] * row j over the keys j < n the mask keeps (keep: nullable, byte j *
+// ks); masked keys are skipped, not weighted by 0, so an inf or NaN in their values cannot
+// reach y, while a kept key counts even at weight 0 (0 * inf is NaN, as in the reference).
 template <typename T, typename A>
-inline void row_weighted_sum(const A* __restrict p, const A* __restrict s, const T* __restrict v,
-                             int64_t ldv, int64_t n, int64_t D, A* __restrict y) {
+inline void row_weighted_sum(const A* __restrict p, const uint8_t* keep, int64_t ks,
+                             const T* __restrict v, int64_t ldv, int64_t n, int64_t D, A* __restrict y) {
   constexpr int L = lanes<A>(), CW = kNV * L;
   int64_t c0 = 0;
   for (; c0 + CW <= D; c0 += CW) {  // kNV vectors of y held in registers over all keys
@@ -189,7 +191,7 @@ inline void row_weighted_sum(const A* __restrict p, const A* __restrict s, const
 #pragma GCC unroll 8
     for (int c = 0; c < kNV; ++c) acc[c] = Vec<A>{};
     for (int64_t j = 0; j < n; ++j) {
-      if (s[j] == neg_inf<A>()) continue;
+      if (keep != nullptr && !keep[j * ks]) continue;
       const A pj = p[j];
       const T* row = v + j * ldv + c0;
 #pragma GCC unroll 8
@@ -201,15 +203,60 @@ inline void row_weighted_sum(const A* __restrict p, const A* __restrict s, const
   for (; c0 + L <= D; c0 += L) {
     Vec<A> acc = Vec<A>{};
     for (int64_t j = 0; j < n; ++j)
-      if (s[j] != neg_inf<A>()) acc += load_acc(v + j * ldv + c0) * p[j];
+      if (keep == nullptr || keep[j * ks]) acc += load_acc(v + j * ldv + c0) * p[j];
     storev(y + c0, acc);
   }
   for (int64_t d = c0; d < D; ++d) {
     A acc = 0;
     for (int64_t j = 0; j < n; ++j)
-      if (s[j] != neg_inf<A>()) acc += p[j] * to_acc(v[j * ldv + d]);
+      if (keep == nullptr || keep[j * ks]) acc += p[j] * to_acc(v[j * ldv + d]);
     y[d] = acc;
   }
+}
+
+// One query row's attention over keys [0, n): y = softmax(q k^T) v with the keys `keep`
+// masks out (nullable; byte j * ks) removed, q already scaled. s and pw: n scratch
+// accumulators. Returns the log-sum-exp of the kept scores: -inf when no key is kept (y = 0),
+// NaN when a kept score is NaN or every kept score is -inf (y = NaN, as softmax gives).
+template <typename T, typename A>
+inline A attend_row(const A* q, const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t n,
+                    int64_t D, const uint8_t* keep, int64_t ks, A* __restrict s, A* __restrict pw,
+                    A* __restrict y) {
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  row_scores(q, k, ldk, n, D, s);
+  int any = n > 0, bad = 0;
+  if (keep != nullptr) {
+    any = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int kj = keep[j * ks] != 0;
+      any |= kj;
+      s[j] = kj ? s[j] : neg_inf<A>();  // a masked key's own score may be NaN: drop it
+    }
+  }
+  A mx = neg_inf<A>();
+#pragma omp simd reduction(| : bad) reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    bad |= s[j] != s[j];
+    mx = mx > s[j] ? mx : s[j];
+  }
+  if (!any) {
+    for (int64_t d = 0; d < D; ++d) y[d] = A(0);
+    return neg_inf<A>();
+  }
+  if (bad || mx == neg_inf<A>()) {
+    for (int64_t d = 0; d < D; ++d) y[d] = nan;
+    return nan;
+  }
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {  // masked keys: exp(-inf) = 0
+    pw[j] = exp_neg(s[j] - mx);
+    sum += pw[j];
+  }
+  row_weighted_sum(pw, keep, ks, v, ldv, n, D, y);
+  const A inv = A(1) / sum;
+  for (int64_t d = 0; d < D; ++d) y[d] *= inv;
+  return mx + std::log(sum);
 }
 
 }  // namespace CF_ISA_NS
