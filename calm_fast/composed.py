@@ -287,10 +287,13 @@ class CALMSession:
                 out = h
                 for a, k, aug_layer in entries:
                     bc = self.bridge_caches[a][k]
-                    if aligned and t == 1 and len(entries) == 1:
-                        # The fused decode step: append the K/V row, attend, project, add.
-                        out = ops.bridge_decode_step(h, states[a][aug_layer], bc.w_q, bc.w_kv, bc.b_kv, bc.w_o,
-                                                     bc.k, bc.v, pos, bc.n_heads, cache_mask, backend)
+                    if t == 1 and len(entries) == 1:
+                        # The fused decode step: (aligned) append the K/V row, attend, project,
+                        # add. Context mode attends over all rows of the fixed context cache.
+                        h_a, rows, kpm = ((states[a][aug_layer], pos, cache_mask) if aligned
+                                          else (None, bc.k.shape[2], self.context_mask))
+                        out = ops.bridge_decode_step(h, h_a, bc.w_q, bc.w_kv, bc.b_kv, bc.w_o, bc.k, bc.v,
+                                                     rows, bc.n_heads, kpm, backend)
                     elif aligned:
                         bc.append(states[a][aug_layer], pos)
                         out = bc.attend(h, pos + t, "aligned", attention_mask, out, backend)
