@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Build calm_fast._C with AddressSanitizer + UBSan (CMake option CALM_FAST_SANITIZE) into a
 # separate tree and run the kernel tests against it. Usage (from the repository root):
-#   scripts/asan_kernels.sh [build_dir] [pytest args...]
+#   [ISA_DISPATCH=ON] scripts/asan_kernels.sh [build_dir] [pytest args...]
+# ISA_DISPATCH=ON also builds the AVX2/AVX-512 copies (the run picks the widest this CPU has).
 # Exit status: pytest's (non-zero on any sanitizer report: halt_on_error / -fno-sanitize-recover).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${1:-/tmp/calm_fast_asan}"; shift || true
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 cmake -S "$ROOT" -B "$BUILD" -DCALM_FAST_SANITIZE=ON -DCALM_FAST_CUDA=OFF \
-      -DCALM_FAST_ISA_DISPATCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+      -DCALM_FAST_ISA_DISPATCH="${ISA_DISPATCH:-OFF}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DPython_EXECUTABLE="$PY" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
 cmake --build "$BUILD" -j"${JOBS:-2}" --target _C
 SO="$(find "$BUILD" -path "$BUILD/overlay" -prune -o -name '_C*.so' -print | head -1)"
