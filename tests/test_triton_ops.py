@@ -167,6 +167,32 @@ def test_attention_output_layout_merges_for_free():
     assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
 
 
+def check_nonfinite_rows(device):
+    """Rows whose allowed scores are all -inf (an infinite q, negative keys) are NaN, as the
+    reference's softmax gives; a row the mask leaves without keys is 0; a NaN q poisons its
+    row only. Both masks, with and without padding."""
+    q = torch.randn(2, 2, 4, 16)
+    k = -torch.rand(2, 2, 6, 16) - 0.1  # every key negative in every dim
+    v = torch.randn(2, 2, 6, 16)
+    q[0, 0, 1] = float("inf")    # q . k = -inf for every key
+    q[1, 1, 2, 3] = float("nan")
+    kpm = torch.ones(2, 6, dtype=torch.bool)
+    kpm[1] = False                # batch 1 sees no key at all
+    kpm[0, 0] = False
+    for mask in ("aligned", "context"):
+        for m in (None, kpm):
+            want = ref.cross_attention(q.double(), k.double(), v.double(), mask, m)
+            got = tx.cross_attention(q.to(device), k.to(device), v.to(device), mask,
+                                     None if m is None else m.to(device)).cpu()
+            torch.testing.assert_close(got.double(), want, equal_nan=True, atol=1e-5, rtol=1e-5)
+            assert got[0, 0, 1].isnan().all() and (m is None or (got[1] == 0).all())
+
+
+@interp_only
+def test_attention_nonfinite_rows_interpreter():
+    check_nonfinite_rows("cpu")
+
+
 @interp_only
 def test_attention_causality_holds():
     # Aligned mode: changing key/value j must not change rows that cannot see it.
@@ -367,6 +393,11 @@ GPU_ATTN_PARAMS = ([(*c, torch.bfloat16, 1e-2) for c in GPU_ATTN_CASES]
 @pytest.mark.parametrize("b,h,tq,tk,d,mask,kpm,dtype,tol", GPU_ATTN_PARAMS)
 def test_attention_gpu(no_autotune, b, h, tq, tk, d, mask, kpm, dtype, tol):
     check_attention(b, h, tq, tk, d, mask, kpm, dtype, "cuda", tol)
+
+
+@gpu_only
+def test_attention_gpu_nonfinite_rows(no_autotune):
+    check_nonfinite_rows("cuda")
 
 
 @gpu_only

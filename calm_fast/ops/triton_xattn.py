@@ -73,17 +73,18 @@ def _load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, PAD_D: t
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0, offs_d, lo, hi,
+def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, offs_n0, offs_d, lo, hi,
                     skn, svn, Tk, D, causal_off, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Scores are scaled in fp32 (qk_scale = sm_scale*log2(e): exp2 domain), fusing into one FMA.
+    # Scores stay unscaled: the row max is taken on raw scores and scaled once per row, so the
+    # exp2 argument s * qk_scale - m (qk_scale = sm_scale*log2(e)) is one FMA per score.
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
                        MASKED, PAD_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
             allowed = offs_n[None, :] < Tk
             if CAUSAL:
@@ -92,9 +93,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0,
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n, mask=offs_n < Tk, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
+            if MASKED:
+                seen = seen | (tl.max((allowed & keep[None, :]).to(tl.int32), 1) > 0)
+            else:  # every row sees the whole block: one reduction over the keys
+                seen = seen | (tl.max(keep.to(tl.int32), 0) > 0)
         # m_i starts at -1e30 (finite), so a fully masked tile gives p = 0, alpha = 1, no NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
@@ -102,7 +107,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0,
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, seen
 
 
 @triton.jit
@@ -134,6 +139,14 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     causal_off = Tk - Tq
+    # seen: the mask leaves the row at least one key (without padding, known from its index;
+    # with padding, found while streaming the key blocks).
+    if HAS_KPM:
+        seen = offs_m < 0
+    elif CAUSAL:
+        seen = (offs_m + causal_off >= 0) & (Tk > 0)
+    else:
+        seen = (offs_m >= 0) & (Tk > 0)
     if CAUSAL:
         # Key blocks entirely at or below every row's diagonal need no mask; blocks past the
         # last row's diagonal are skipped outright (the saving over a dense mask).
@@ -142,17 +155,20 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
     else:
         full_end = (Tk // BLOCK_N) * BLOCK_N
         hi = Tk
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0,
-                                    offs_d, 0, full_end, skn, svn, Tk, D, causal_off, qk_scale,
-                                    False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, offs_n0,
-                                    offs_d, full_end, hi, skn, svn, Tk, D, causal_off, qk_scale,
-                                    True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+    acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m,
+                                          offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off,
+                                          qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+    acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m,
+                                          offs_n0, offs_d, full_end, hi, skn, svn, Tk, D, causal_off,
+                                          qk_scale, True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
 
+    # l == 0: no key left by the mask (output 0, lse +inf: the backward's p is 0), or every
+    # allowed score -inf from an infinite q or k (NaN, as softmax gives; lse NaN).
     empty = l_i == 0.0
+    poisoned = empty & seen
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    out = tl.where(poisoned[:, None], float("nan"), acc / l_safe[:, None])
+    lse = tl.where(empty, tl.where(poisoned, float("nan"), float("inf")), m_i + tl.math.log2(l_safe))
     row_ok = offs_m < Tq
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
     if PAD_D:
