@@ -27,7 +27,7 @@ std::atomic<int> g_isa_cap{-1};  // -1: from CALM_FAST_CPU_ISA (else no cap)
 
 int isa_rank(const std::string& s) { return s == "default" ? 0 : s == "avx2" ? 1 : 2; }
 
-bool isa_allowed(const char* isa) {
+[[maybe_unused]] bool isa_allowed(const char* isa) {  // unused without ISA dispatch
   const int forced = g_isa_cap.load();
   if (forced >= 0) return isa_rank(isa) <= forced;
   const char* cap = std::getenv("CALM_FAST_CPU_ISA");
