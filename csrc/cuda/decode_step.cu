@@ -30,12 +30,29 @@ namespace cf {
 namespace cuda {
 namespace {
 
+// Tuning knobs: -DCF_DECODE_<NAME>=... overrides a default (bench/gpu_decode_sweep.sh builds
+// and times variants in one device call); the defaults are the measured best so far.
+#ifndef CF_DECODE_WEIGHT_LOADS
+#define CF_DECODE_WEIGHT_LOADS 8
+#endif
+#ifndef CF_DECODE_MIN_BLOCKS
+#define CF_DECODE_MIN_BLOCKS 2
+#endif
+#ifndef CF_DECODE_CACHE_ROWS
+#define CF_DECODE_CACHE_ROWS 4
+#endif
+#ifndef CF_DECODE_MIN_CHUNK
+#define CF_DECODE_MIN_CHUNK 16
+#endif
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMinChunk = 16;  // fewest cache rows per split-K item (sizes the workspace)
+constexpr int kMinChunk = CF_DECODE_MIN_CHUNK;  // fewest cache rows per split-K item (sizes the workspace)
 constexpr int kMaxD = 256;     // head dim limit
 constexpr int kMaxB = 4;       // batch rows that share one pass over a weight row
-constexpr int kWeightLoads = 8;  // 16-byte weight loads in flight per lane
+constexpr int kWeightLoads = CF_DECODE_WEIGHT_LOADS;  // 16-byte weight loads in flight per lane
+constexpr int kMinBlocks = CF_DECODE_MIN_BLOCKS;       // __launch_bounds__: blocks per SM
+constexpr int kCacheRows = CF_DECODE_CACHE_ROWS;       // cache rows per lane group in flight
 
 struct Layout {  // offsets into the fp32 workspace, in floats (each 16-byte aligned)
   int64_t q, attn, part, counters, total;
@@ -150,7 +167,7 @@ __device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64
 template <typename T>
 struct VecRows {  // 16-byte loads: E = 8 (16-bit) or 4 (fp32) consecutive dims per lane
   static constexpr int E = Vec<T>::N;
-  static constexpr int U = 4;  // rows per lane group in flight
+  static constexpr int U = kCacheRows;  // rows per lane group in flight
   using Raw = uint4;
   int lanes;
   __device__ explicit VecRows(int64_t D) : lanes(int(D / E)) {}
@@ -332,7 +349,7 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
 
 // kVecCache picks the phase-2 row layout at compile time: inlining both spills registers.
 template <typename T, bool kVecCache>
-__global__ void __launch_bounds__(kThreads, 2) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
   cg::grid_group grid = cg::this_grid();
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + wib, nwarps = int64_t(gridDim.x) * kWarps;

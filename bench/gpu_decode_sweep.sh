@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Tuning sweep for the one-launch CUDA decode step, in one device call: builds _C_cuda once
+# per setting of its knobs (the CF_DECODE_* macros at the top of csrc/cuda/decode_step.cu),
+# then for each build, in turn: swaps it into calm_fast/, runs the decode tests of
+# tests/test_cuda_ops.py, and times it with bench/bench_bridge.py (bf16, --quick --only decode:
+# B = 1 and 4, D_B 4096, 2048 cached rows, graph-replayed beside cuBLAS + SDPA). The original
+# module is put back at the end. From the repository root, after a build of the tree
+# (`python setup.py build_ext --inplace`, as bench/gpu_check.sh does):
+#     bash bench/gpu_decode_sweep.sh
+#     VARIANTS="base: wl16:-DCF_DECODE_WEIGHT_LOADS=16" bash bench/gpu_decode_sweep.sh
+# A variant is NAME:FLAGS (flags with commas for spaces). Variants are built in parallel and
+# run while SWEEP_BUDGET_S (default 360 s) lasts. Back in $OUT (or /tmp/calm_fast_decode_sweep):
+# sweep.log, summary.txt and one bridge_<name>.json per variant.
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT:-/tmp/calm_fast_decode_sweep}
+WORK=${SWEEP_WORK:-/tmp/cf_sweep}
+mkdir -p "$OUT_DIR" "$WORK"
+LOG="$OUT_DIR/sweep.log"
+: >"$LOG"
+DEADLINE=$(( $(date +%s) + ${SWEEP_BUDGET_S:-360} ))
+log() { echo "$*" | tee -a "$LOG"; }
+
+# base = the committed defaults. ptxas on sm_90 (nvcc 13): base 128 registers with a small
+# spill; minb1 254 registers, no spill, one block per SM; wl4 and minb3 spill hundreds of bytes.
+VARIANTS=${VARIANTS:-"base: minb1:-DCF_DECODE_MIN_BLOCKS=1 minb1_wl16:-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_WEIGHT_LOADS=16 cr2:-DCF_DECODE_CACHE_ROWS=2 minb1_cr8:-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_CACHE_ROWS=8"}
+
+SO=$(ls calm_fast/_C_cuda*.so 2>/dev/null | head -1)
+if [ -z "$SO" ]; then log "no calm_fast/_C_cuda*.so: build the tree first (python setup.py build_ext --inplace)"; exit 2; fi
+cp "$SO" "$WORK/original.so"
+restore() { cp "$WORK/original.so" "$SO.tmp" && mv "$SO.tmp" "$SO"; }
+trap restore EXIT
+
+GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+GPU_ARCH=${GPU_ARCH:-90}
+PYBIND=$("$PY" -m pybind11 --cmakedir)
+
+# ---- build every variant (in parallel; each its own cmake tree, the CUDA module only)
+log "=== build (sm_$GPU_ARCH): $VARIANTS"
+for v in $VARIANTS; do
+  name=${v%%:*}; flags=${v#*:}; flags=${flags//,/ }
+  ( cmake -S "$ROOT" -B "$WORK/$name" -DCALM_FAST_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$GPU_ARCH" \
+      -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$PYBIND" \
+      -DCMAKE_CUDA_FLAGS="$flags" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$WORK/$name/mod" >"$WORK/$name.log" 2>&1 &&
+    cmake --build "$WORK/$name" --target _C_cuda -j4 >>"$WORK/$name.log" 2>&1
+    echo "$name build rc=$?" ) &
+done
+wait
+for v in $VARIANTS; do
+  name=${v%%:*}
+  log "--- $name: $(grep -A2 'decode_step_kernelI13__nv_bfloat16Lb1' "$WORK/$name.log" | grep -E 'Used|spill' | tr -s ' ' | tr '\n' ' ')"
+done
+
+# ---- test and time each variant in turn
+SUMMARY="$OUT_DIR/summary.txt"
+printf "%-12s %-8s %-12s %-12s %s\n" variant tests "B=1 us" "B=4 us" "flags" >"$SUMMARY"
+for v in $VARIANTS; do
+  name=${v%%:*}; flags=${v#*:}
+  if (( $(date +%s) + 60 > DEADLINE )); then log "=== $name: skipped, no time left"; continue; fi
+  built=$(ls "$WORK/$name/mod"/_C_cuda*.so 2>/dev/null | head -1)
+  if [ -z "$built" ]; then
+    log "=== $name: build failed"; tail -20 "$WORK/$name.log" | tee -a "$LOG"
+    printf "%-12s %-8s %-12s %-12s %s\n" "$name" build - - "$flags" >>"$SUMMARY"; continue
+  fi
+  cp "$built" "$SO.tmp" && mv "$SO.tmp" "$SO"
+  log "=== $name ($flags): $(md5sum "$SO" | cut -c1-12)"
+  timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k decode 2>&1 | tail -3 | tee -a "$LOG"
+  t=${PIPESTATUS[0]}
+  case $t in 0) tests=pass ;; 5) tests=none ;; *) tests=FAIL ;; esac  # 5: nothing ran (no GPU)
+  timeout 150 "$PY" bench/bench_bridge.py --device cuda --dtype bfloat16 --quick --only decode \
+    --out-dir "$WORK/$name/bench" --tag "$name" 2>&1 | grep -E "^decode B=" | tee -a "$LOG"
+  cp "$WORK/$name/bench/bridge_$name.json" "$OUT_DIR/" 2>/dev/null
+  us=$("$PY" - "$WORK/$name/bench/bridge_$name.json" <<'EOF' 2>/dev/null
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+got = {r["B"]: r["us"] for r in rows if r["phase"] == "decode" and r["variant"] == "cuda+graph"}
+print(" ".join(f"{got.get(b, float('nan')):.1f}" for b in (1, 4)))
+EOF
+)
+  printf "%-12s %-8s %-12s %-12s %s\n" "$name" "$tests" ${us:-- -} "$flags" >>"$SUMMARY"
+done
+log ""; log "=== summary (cuda decode step, graph-replayed device time; bench rows per variant in $OUT_DIR)"
+tee -a "$LOG" <"$SUMMARY"
