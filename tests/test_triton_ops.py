@@ -338,6 +338,34 @@ def test_attention_bad_input(call, match):
         call(q, k, v)
 
 
+def check_decode_nonfinite(device):
+    """A head whose kept scores are all -inf (q overflows to inf, every key negative) makes the
+    step NaN, as the reference's softmax does; a head the mask leaves without keys adds 0."""
+    h, d, s, d_a = 2, 16, 9, 8
+    d_b = h * d
+    gen = torch.Generator().manual_seed(5)
+    h_b = torch.zeros(1, 1, d_b)
+    h_b[0, 0, :d] = 1e30
+    w_q = torch.eye(d_b) * 1e30  # q of head 0 = 1e60 -> inf in fp32
+    w_o = torch.randn(d_b, d_b, generator=gen) * 0.1
+    w_kv, b_kv = torch.randn(2 * d_b, d_a, generator=gen) * 0.1, torch.zeros(2 * d_b)
+    k = -torch.rand(1, h, s, d, generator=gen) - 0.1
+    v = torch.randn(1, h, s, d, generator=gen)
+    want = ref.bridge_decode_step(h_b, None, w_q, w_kv, b_kv, w_o, k.clone(), v.clone(), s, h)
+
+    def step(kpm=None):  # context mode: attend over all s cached rows
+        on = [t.to(device) for t in (h_b, w_q, w_kv, b_kv, w_o, k.clone(), v.clone())]
+        return tx.bridge_decode_step(on[0], None, *on[1:], s, h,
+                                     None if kpm is None else kpm.to(device)).cpu()
+    assert want.isnan().all() and step().isnan().all()
+    assert torch.equal(step(torch.zeros(1, s, dtype=torch.bool)), h_b)  # no key kept: h_b
+
+
+@interp_only
+def test_decode_nonfinite_interpreter():
+    check_decode_nonfinite("cpu")
+
+
 @interp_only
 def test_decode_bad_input():
     d_b, s = 32, 6
@@ -398,6 +426,11 @@ def test_attention_gpu(no_autotune, b, h, tq, tk, d, mask, kpm, dtype, tol):
 @gpu_only
 def test_attention_gpu_nonfinite_rows(no_autotune):
     check_nonfinite_rows("cuda")
+
+
+@gpu_only
+def test_decode_step_gpu_nonfinite(no_autotune):
+    check_decode_nonfinite("cuda")
 
 
 @gpu_only

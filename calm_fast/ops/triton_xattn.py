@@ -440,6 +440,7 @@ def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
     v_base = VC + b * svc_b + h * svc_h
     m_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32), 0) - 1.0e30
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
+    seen = tl.max(tl.zeros([BLOCK_N], dtype=tl.int32), 0) > 0  # the mask kept some key here
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     start = pid_s * chunk
     end = tl.minimum(start + chunk, n)
@@ -452,6 +453,7 @@ def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
         k = tl.load(k_base + offs_n[:, None] * skc_s + offs_d[None, :], mask=msk, other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)
         s = tl.where(ok, s, float("-inf"))
+        seen = seen | (tl.max(ok.to(tl.int32), 0) > 0)
         m_new = tl.maximum(m_i, tl.max(s, 0))
         p = tl.math.exp2(s - m_new)
         alpha = tl.math.exp2(m_i - m_new)
@@ -459,6 +461,9 @@ def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
+    # Kept keys whose scores were all -inf (an infinite q or k): the sum stays 0; mark the
+    # partial NaN so the combine gives NaN, as softmax does, not an empty (zero) head.
+    l_i = tl.where(seen & (l_i == 0.0), float("nan"), l_i)
     slot = pid_bh.to(tl.int64) * NS + pid_s
     tl.store(PM + slot, m_i)
     tl.store(PL + slot, l_i)
@@ -494,6 +499,7 @@ def _decode_out(HB, WO, PM, PL, PACC, OUT, B, D_B, H, hd, s_hb, s_wo, s_out, NS,
             a = tl.load(PACC + ps[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                         mask=ms[:, :, None] & d_ok[None, None, :], other=0.0)
             attn = tl.sum(a * w[:, :, None], 1) / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+            attn = tl.where((l_sum != l_sum)[:, None], float("nan"), attn)  # a poisoned split
             # The reference hands W_o the attention rounded to the activation dtype.
             attn = attn.to(HB.dtype.element_ty).to(tl.float32)
             wt = tl.load(WO + offs_o[:, None].to(tl.int64) * s_wo + hh * hd + offs_d[None, :],
