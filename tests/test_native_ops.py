@@ -181,6 +181,22 @@ def test_decode_context_mode_with_no_rows_returns_h_b():
     assert torch.equal(out, h_b)
 
 
+def test_decode_head_with_all_scores_neginf_is_nan():
+    # q overflows to inf on head 0 and every key is negative: that head's kept scores are all
+    # -inf, softmax is NaN there (reference), so the whole step is (W_o mixes the heads).
+    h, d, s, d_a = 2, 16, 9, 8
+    d_b = h * d
+    gen = torch.Generator().manual_seed(5)
+    h_b = torch.zeros(1, 1, d_b)
+    h_b[0, 0, :d] = 1e30
+    w_q, w_o = torch.eye(d_b) * 1e30, torch.randn(d_b, d_b, generator=gen) * 0.1
+    w_kv, b_kv = torch.randn(2 * d_b, d_a, generator=gen) * 0.1, torch.zeros(2 * d_b)
+    k, v = -torch.rand(1, h, s, d, generator=gen) - 0.1, torch.randn(1, h, s, d, generator=gen)
+    want = ref.bridge_decode_step(h_b, None, w_q, w_kv, b_kv, w_o, k.clone(), v.clone(), s, h)
+    got = native.bridge_decode_step(h_b, None, w_q, w_kv, b_kv, w_o, k.clone(), v.clone(), s, h)
+    assert want.isnan().all() and got.isnan().all()
+
+
 def test_cached_decoding_equals_full_attention():
     # Appending rows one step at a time gives the aligned attention over the whole sequence.
     gen = torch.Generator().manual_seed(8)
