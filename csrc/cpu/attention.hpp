@@ -126,8 +126,8 @@ bool attn_fwd_rows_impl(const AttnParams& p, int nthreads) {
   bool failed = false;
 #pragma omp parallel num_threads(nthreads)
   {
-    Buf<A> qf(D), y(D), s(p.Tk), pw(p.Tk);
-    const bool ok = qf.ok() && y.ok() && s.ok() && pw.ok();
+    Buf<A> qf(D), y(D), s(p.Tk);
+    const bool ok = qf.ok() && y.ok() && s.ok();
     if (!ok) {
 #pragma omp atomic write
       failed = true;
@@ -142,7 +142,7 @@ bool attn_fwd_rows_impl(const AttnParams& p, int nthreads) {
       const uint8_t* keep = p.kpm == nullptr ? nullptr : p.kpm + b * p.skpm[0];
       const A lse = attend_row(qf.data(), row_ptr<T>(p.k, p.sk, b, h, 0), p.sk[2],
                                row_ptr<T>(p.v, p.sv, b, h, 0), p.sv[2], n, D, keep, p.skpm[1],
-                               s.data(), pw.data(), y.data());
+                               s.data(), y.data());
       T* op = row_ptr_mut<T>(p.out, p.so, b, h, i);
       for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(y[d]);
       *row_ptr_mut<A>(p.lse, p.sl, b, h, i) = lse;

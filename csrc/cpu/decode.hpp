@@ -64,8 +64,8 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
     }
     // Phase 2: softmax(q k^T) v per (batch, head) over cache rows [0, n): all scores first
     // (rowdot.hpp's blocked dot products), then the weights, then one pass over V.
-    Buf<A> s(n), pw(n);
-    const bool ok = s.ok() && pw.ok();
+    Buf<A> s(n);
+    const bool ok = s.ok();
     if (!ok) {
 #pragma omp atomic write
       failed = true;
@@ -78,8 +78,7 @@ bool decode_impl(const DecodeParams& p, int nthreads) {
       const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
       const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
       const uint8_t* keep = p.kpm == nullptr ? nullptr : p.kpm + b * p.skpm[0];
-      attend_row(&q[b * DB + h * D], kb, p.skc[2], vb, p.svc[2], n, D, keep, p.skpm[1], s.data(),
-                 pw.data(), y);
+      attend_row(&q[b * DB + h * D], kb, p.skc[2], vb, p.svc[2], n, D, keep, p.skpm[1], s.data(), y);
     }
     // Phase 3: out = h_b + W_o attn.
 #pragma omp for schedule(static)

@@ -234,13 +234,12 @@ inline void row_weighted_sum(const A* __restrict p, const uint8_t* keep, int64_t
 }
 
 // One query row's attention over keys [0, n): y = softmax(q k^T) v with the keys `keep`
-// masks out (nullable; byte j * ks) removed, q already scaled. s and pw: n scratch
-// accumulators. Returns the log-sum-exp of the kept scores: -inf when no key is kept (y = 0),
+// masks out (nullable; byte j * ks) removed, q already scaled. s: n scratch accumulators
+// (scores, then weights). Returns the log-sum-exp of the kept scores: -inf when no key is kept (y = 0),
 // NaN when a kept score is NaN or every kept score is -inf (y = NaN, as softmax gives).
 template <typename T, typename A>
 inline A attend_row(const A* q, const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t n,
-                    int64_t D, const uint8_t* keep, int64_t ks, A* __restrict s, A* __restrict pw,
-                    A* __restrict y) {
+                    int64_t D, const uint8_t* keep, int64_t ks, A* __restrict s, A* __restrict y) {
   const A nan = std::numeric_limits<A>::quiet_NaN();
   row_scores(q, k, ldk, n, D, s);
   int any = n > 0, bad = 0;
@@ -268,11 +267,11 @@ inline A attend_row(const A* q, const T* k, int64_t ldk, const T* v, int64_t ldv
   }
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {  // masked keys: exp(-inf) = 0
-    pw[j] = exp_neg(s[j] - mx);
-    sum += pw[j];
+  for (int64_t j = 0; j < n; ++j) {  // masked keys: exp(-inf) = 0 (and skipped below)
+    s[j] = exp_neg(s[j] - mx);
+    sum += s[j];
   }
-  row_weighted_sum(pw, keep, ks, v, ldv, n, D, y);
+  row_weighted_sum(s, keep, ks, v, ldv, n, D, y);
   const A inv = A(1) / sum;
   for (int64_t d = 0; d < D; ++d) y[d] *= inv;
   return mx + std::log(sum);
