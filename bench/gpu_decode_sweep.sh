@@ -9,8 +9,11 @@
 #     bash bench/gpu_decode_sweep.sh
 #     VARIANTS="base: wl16:-DCF_DECODE_WEIGHT_LOADS=16" bash bench/gpu_decode_sweep.sh
 # A variant is NAME:FLAGS (flags with commas for spaces). Variants are built in parallel and
-# run while SWEEP_BUDGET_S (default 360 s) lasts. Back in $OUT (or /tmp/calm_fast_decode_sweep):
-# sweep.log, summary.txt and one bridge_<name>.json per variant.
+# run while SWEEP_BUDGET_S (default 360 s) lasts. SWEEP_PHASE=build only builds (no GPU
+# needed: bench/gpu_lease.sh runs it beside gpu_check.sh), SWEEP_PHASE=run only tests and times
+# what an earlier build left in SWEEP_WORK; the default does both. Back in $OUT (or
+# /tmp/calm_fast_decode_sweep): sweep.log (build.log for the build phase), summary.txt and
+# one bridge_<name>.json per variant.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -19,33 +22,34 @@ PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-/tmp/calm_fast_decode_sweep}
 WORK=${SWEEP_WORK:-/tmp/cf_sweep}
 mkdir -p "$OUT_DIR" "$WORK"
-LOG="$OUT_DIR/sweep.log"
+PHASE=${SWEEP_PHASE:-all}
+case $PHASE in all | build | run) ;; *) echo "SWEEP_PHASE must be all, build or run, not '$PHASE'" >&2; exit 2 ;; esac
+LOG="$OUT_DIR/$([[ $PHASE == build ]] && echo build || echo sweep).log"
 : >"$LOG"
 DEADLINE=$(( $(date +%s) + ${SWEEP_BUDGET_S:-360} ))
 log() { echo "$*" | tee -a "$LOG"; }
 
-# base = the committed defaults. ptxas on sm_90 (nvcc 13): base 128 registers with a small
-# spill; minb1 254 registers, no spill, one block per SM; wl4 and minb3 spill hundreds of bytes.
-VARIANTS=${VARIANTS:-"base: minb1:-DCF_DECODE_MIN_BLOCKS=1 minb1_wl16:-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_WEIGHT_LOADS=16 cr2:-DCF_DECODE_CACHE_ROWS=2 minb1_cr8:-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_CACHE_ROWS=8"}
-
-SO=$(ls calm_fast/_C_cuda*.so 2>/dev/null | head -1)
-if [ -z "$SO" ]; then log "no calm_fast/_C_cuda*.so: build the tree first (python setup.py build_ext --inplace)"; exit 2; fi
-cp "$SO" "$WORK/original.so"
-restore() { cp "$WORK/original.so" "$SO.tmp" && mv "$SO.tmp" "$SO"; }
-trap restore EXIT
+# base = the committed defaults. ptxas on sm_90 (nvcc 13), bf16 kernel: base 128 registers,
+# 8 bytes of spill; minb1 254 registers, no spill, one block per SM; pf 128 registers and
+# ~380 bytes of spill; wl4 and minb3 spill hundreds of bytes.
+# pf: CF_DECODE_PREFETCH=1 (first loads of phases 2 and 3 issued before their grid.sync);
+# vm: CF_DECODE_VEC_MERGE=1 (16-byte loads in the split-K merge).
+VARIANTS=${VARIANTS:-"base: vm:-DCF_DECODE_VEC_MERGE=1 pf:-DCF_DECODE_PREFETCH=1 pf_vm:-DCF_DECODE_PREFETCH=1,-DCF_DECODE_VEC_MERGE=1 pf_vm_minb1:-DCF_DECODE_PREFETCH=1,-DCF_DECODE_VEC_MERGE=1,-DCF_DECODE_MIN_BLOCKS=1 vm_minb1_wl16:-DCF_DECODE_VEC_MERGE=1,-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_WEIGHT_LOADS=16 pf_vm_minb1_cr8:-DCF_DECODE_PREFETCH=1,-DCF_DECODE_VEC_MERGE=1,-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_CACHE_ROWS=8"}
 
 GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 GPU_ARCH=${GPU_ARCH:-90}
-PYBIND=$("$PY" -m pybind11 --cmakedir)
 
 # ---- build every variant (in parallel; each its own cmake tree, the CUDA module only)
+if [[ $PHASE != run ]]; then
+PYBIND=$("$PY" -m pybind11 --cmakedir)
 log "=== build (sm_$GPU_ARCH): $VARIANTS"
 for v in $VARIANTS; do
   name=${v%%:*}; flags=${v#*:}; flags=${flags//,/ }
+  rm -rf "${WORK:?}/$name"  # never time a module left over from an earlier build
   ( cmake -S "$ROOT" -B "$WORK/$name" -DCALM_FAST_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$GPU_ARCH" \
       -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$PYBIND" \
       -DCMAKE_CUDA_FLAGS="$flags" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$WORK/$name/mod" >"$WORK/$name.log" 2>&1 &&
-    cmake --build "$WORK/$name" --target _C_cuda -j4 >>"$WORK/$name.log" 2>&1
+    cmake --build "$WORK/$name" --target _C_cuda -j3 >>"$WORK/$name.log" 2>&1
     echo "$name build rc=$?" ) &
 done
 wait
@@ -53,6 +57,14 @@ for v in $VARIANTS; do
   name=${v%%:*}
   log "--- $name: $(grep -A2 'decode_step_kernelI13__nv_bfloat16Lb1' "$WORK/$name.log" | grep -E 'Used|spill' | tr -s ' ' | tr '\n' ' ')"
 done
+fi
+[[ $PHASE == build ]] && exit 0
+
+SO=$(ls calm_fast/_C_cuda*.so 2>/dev/null | head -1)
+if [ -z "$SO" ]; then log "no calm_fast/_C_cuda*.so: build the tree first (python setup.py build_ext --inplace)"; exit 2; fi
+cp "$SO" "$WORK/original.so"
+restore() { cp "$WORK/original.so" "$SO.tmp" && mv "$SO.tmp" "$SO"; }
+trap restore EXIT
 
 # ---- test and time each variant in turn
 SUMMARY="$OUT_DIR/summary.txt"

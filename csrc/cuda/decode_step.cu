@@ -20,6 +20,7 @@
 #include <cooperative_groups.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "common.cuh"
 #include "launch.hpp"
@@ -44,6 +45,15 @@ namespace {
 #ifndef CF_DECODE_MIN_CHUNK
 #define CF_DECODE_MIN_CHUNK 16
 #endif
+// 1: each warp issues its first phase-2 cache loads and its first phase-3 weight loads before
+// the grid.sync that precedes that phase, so their latency overlaps the wait at the barrier.
+#ifndef CF_DECODE_PREFETCH
+#define CF_DECODE_PREFETCH 0
+#endif
+// 1: the split-K merge reads the partial outputs with 16-byte loads, 8 chunks in flight.
+#ifndef CF_DECODE_VEC_MERGE
+#define CF_DECODE_VEC_MERGE 0
+#endif
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -58,6 +68,11 @@ struct Layout {  // offsets into the fp32 workspace, in floats (each 16-byte ali
   int64_t q, attn, part, counters, total;
 };
 
+// A split-K partial: max, sum, two floats of padding, then the D-float output, which is
+// 16-byte aligned whenever D % 4 == 0 (the merge then reads it with 16-byte loads).
+constexpr int kPartHead = 4;
+__host__ __device__ inline int64_t part_stride(int64_t D) { return D + kPartHead; }
+
 __host__ __device__ inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
 
 __host__ __device__ inline Layout layout(int64_t B, int64_t DB, int64_t H, int64_t S) {
@@ -66,7 +81,7 @@ __host__ __device__ inline Layout layout(int64_t B, int64_t DB, int64_t H, int64
   l.q = 0;
   l.attn = round4(B * DB);
   l.part = l.attn + round4(B * DB);
-  l.counters = l.part + round4(B * H * nch * (D + 2));
+  l.counters = l.part + round4(B * H * nch * part_stride(D));
   l.total = l.counters + round4(B * H);
   return l;
 }
@@ -106,40 +121,30 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[Vec<T>::N]
   for (int i = 0; i < Vec<T>::N; ++i) out[i] = to_f(e[i]);
 }
 
-// Warp-wide dot products of one weight row w (length L) with nb <= kMaxB vectors
-// x + bb * sx: the row is read once for all of them. Every lane gets acc[bb].
+// A lane's share of one pass over a weight row: U 16-byte loads, chunks c0 + 32 u. Past the
+// row's end a load is skipped (zero), so a row of any length keeps U loads in flight per
+// lane (a row shorter than 32 U chunks used to fall back to one load at a time).
+template <typename T>
+struct WeightPass {
+  static constexpr int U = kWeightLoads;
+  uint4 raw[U];
+  __device__ void issue(const uint4* w4, int64_t c0, int64_t chunks) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) raw[u] = c0 + 32 * u < chunks ? __ldg(w4 + c0 + 32 * u) : make_uint4(0, 0, 0, 0);
+  }
+};
+
+// Adds one pass (chunks c0 + 32 u of the row) times x + bb * sx to acc[bb], bb < nb.
 template <typename T, typename X>
-__device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64_t sx, int nb, int64_t L,
-                         int lane, bool vec, float (&acc)[kMaxB]) {
+__device__ __forceinline__ void dot_pass(const WeightPass<T>& pass, int64_t c0, int64_t chunks,
+                                         const X* __restrict__ x, int64_t sx, int nb, float (&acc)[kMaxB]) {
+  constexpr int N = Vec<T>::N;
 #pragma unroll
-  for (int bb = 0; bb < kMaxB; ++bb) acc[bb] = 0.f;
-  if (vec) {
-    constexpr int N = Vec<T>::N, U = kWeightLoads;
-    const int64_t chunks = L / N;
-    const uint4* w4 = reinterpret_cast<const uint4*>(w);
-    int64_t c = lane;
-    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {  // U weight loads in flight per lane
-      uint4 raw[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) raw[u] = __ldg(w4 + c + 32 * u);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float wv[N];
-        unpack<T>(raw[u], wv);
-#pragma unroll
-        for (int bb = 0; bb < kMaxB; ++bb) {
-          if (bb < nb) {
-            float xv[N];
-            load_x<T, X>(x + bb * sx + (c + 32 * u) * N, xv);
-#pragma unroll
-            for (int e = 0; e < N; ++e) acc[bb] = fmaf(wv[e], xv[e], acc[bb]);
-          }
-        }
-      }
-    }
-    for (; c < chunks; c += 32) {
+  for (int u = 0; u < WeightPass<T>::U; ++u) {
+    const int64_t c = c0 + 32 * u;
+    if (c < chunks) {
       float wv[N];
-      unpack<T>(__ldg(w4 + c), wv);
+      unpack<T>(pass.raw[u], wv);
 #pragma unroll
       for (int bb = 0; bb < kMaxB; ++bb) {
         if (bb < nb) {
@@ -149,6 +154,31 @@ __device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64
           for (int e = 0; e < N; ++e) acc[bb] = fmaf(wv[e], xv[e], acc[bb]);
         }
       }
+    }
+  }
+}
+
+// Warp-wide dot products of one weight row w (length L) with nb <= kMaxB vectors
+// x + bb * sx: the row is read once for all of them. Every lane gets acc[bb]. With kPre,
+// `first` holds this lane's first pass over the row, issued earlier (before a grid.sync).
+template <typename T, typename X, bool kPre = false>
+__device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64_t sx, int nb, int64_t L,
+                         int lane, bool vec, float (&acc)[kMaxB], const WeightPass<T>& first = {}) {
+#pragma unroll
+  for (int bb = 0; bb < kMaxB; ++bb) acc[bb] = 0.f;
+  if (vec) {
+    constexpr int step = 32 * WeightPass<T>::U;
+    const int64_t chunks = L / Vec<T>::N;
+    const uint4* w4 = reinterpret_cast<const uint4*>(w);
+    int64_t c0 = lane;
+    if constexpr (kPre) {
+      dot_pass<T, X>(first, c0, chunks, x, sx, nb, acc);
+      c0 += step;
+    }
+    for (; c0 < chunks; c0 += step) {
+      WeightPass<T> pass;
+      pass.issue(w4, c0, chunks);
+      dot_pass<T, X>(pass, c0, chunks, x, sx, nb, acc);
     }
   } else {
     for (int64_t i = lane; i < L; i += 32) {
@@ -239,46 +269,98 @@ struct Softmax {
   }
 };
 
-// Phase 2 for one item: cache rows [j0, j1) of (b, h) into the partial `mine` (D + 2 floats).
+// One pass of a lane group over cache rows j + u * groups (u < U) of K and V: every load of
+// the pass is issued before any is used.
 template <typename T, class Rows>
-__device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const float* qh, int64_t b, int64_t h,
-                             int64_t j0, int64_t j1, float* mine, int lane) {
-  constexpr int E = Rows::E, U = Rows::U;
+struct CachePass {
+  static constexpr int U = Rows::U;
+  typename Rows::Raw kr[U], vr[U];
+  // Loads the rows below j1; only row `only` when only >= 0; never row `skip`.
+  __device__ void issue(const Rows& rows, const T* kb, int64_t skn, const T* vb, int64_t svn, int64_t j,
+                        int groups, int64_t j1, int li, int64_t only, int64_t skip) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t jj = j + int64_t(u) * groups;
+      if (jj < j1 && (only < 0 || jj == only) && jj != skip) {
+        kr[u] = rows.load(kb + jj * skn, li);
+        vr[u] = rows.load(vb + jj * svn, li);
+      }
+    }
+  }
+};
+
+// Phase 2's work item `it`: cache rows [j0, j1) of (b, h).
+struct Item {
+  int64_t b, h, j0, j1;
+  __device__ Item(int64_t it, int64_t H, int64_t nch, int64_t chunk, int64_t n)
+      : b(it / (H * nch)), h((it / nch) % H), j0((it % nch) * chunk), j1(min(n, j0 + chunk)) {}
+};
+
+template <typename T> __device__ const T* k_head(const DecodeParams& p, const Item& w) {
+  return static_cast<const T*>(p.kc) + w.b * p.skc[0] + w.h * p.skc[1];
+}
+template <typename T> __device__ const T* v_head(const DecodeParams& p, const Item& w) {
+  return static_cast<const T*>(p.vc) + w.b * p.svc[0] + w.h * p.svc[1];
+}
+
+// Issues the first pass of item w before q and the new cache row exist (before the grid.sync):
+// every row but `stale` (the row phase 1 writes), which attend_chunk loads after the sync.
+template <typename T, class Rows>
+__device__ void prefetch_chunk(const DecodeParams& p, const Rows& rows, const Item& w, int64_t stale, int lane,
+                               CachePass<T, Rows>* pass) {
   const int li = lane % rows.lanes, g = lane / rows.lanes, groups = 32 / rows.lanes;
+  pass->issue(rows, k_head<T>(p, w), p.skc[2], v_head<T>(p, w), p.svc[2], w.j0 + g, groups, w.j1, li, -1, stale);
+}
+
+// Scores the pass's rows j + u * groups (< j1) against q and adds the kept ones to sm.
+template <typename T, class Rows, int E>
+__device__ __forceinline__ void attend_pass(const DecodeParams& p, const Rows& rows, const CachePass<T, Rows>& pass,
+                                            const float (&qr)[E], int64_t b, int64_t j, int groups, int64_t j1,
+                                            Softmax<E>& sm) {
+#pragma unroll
+  for (int u = 0; u < Rows::U; ++u) {
+    const int64_t jj = j + int64_t(u) * groups;
+    const bool in = jj < j1;
+    float kf[E], s = 0.f;
+    if (in) {
+      rows.unpack_to(pass.kr[u], kf);
+#pragma unroll
+      for (int t = 0; t < E; ++t) s = fmaf(qr[t], kf[t], s);
+    }
+    for (int o = rows.lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (in && (p.kpm == nullptr || p.kpm[b * p.skpm[0] + jj * p.skpm[1]])) {
+      float vf[E];
+      rows.unpack_to(pass.vr[u], vf);
+      sm.add(s, vf);
+    }
+  }
+}
+
+// Phase 2 for one item: cache rows [j0, j1) of (b, h) into the partial `mine` (part_stride(D) floats).
+// With kPre, `first` is the item's first pass from prefetch_chunk, short of row `stale`.
+template <typename T, bool kPre, class Rows>
+__device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const float* qh, const Item& w, float* mine,
+                             int lane, const CachePass<T, Rows>& first, int64_t stale) {
+  constexpr int E = Rows::E;
+  const int li = lane % rows.lanes, g = lane / rows.lanes, groups = 32 / rows.lanes;
+  const int64_t step = int64_t(groups) * Rows::U;
   float qr[E];
 #pragma unroll
   for (int t = 0; t < E; ++t) qr[t] = rows.valid(li, t) ? __ldcg(qh + rows.dim(li, t)) : 0.f;
-  const T* kb = static_cast<const T*>(p.kc) + b * p.skc[0] + h * p.skc[1];
-  const T* vb = static_cast<const T*>(p.vc) + b * p.svc[0] + h * p.svc[1];
+  const T* kb = k_head<T>(p, w);
+  const T* vb = v_head<T>(p, w);
   Softmax<E> sm;
-  for (int64_t j = j0 + g; j - g < j1; j += int64_t(groups) * U) {  // uniform trip count
-    typename Rows::Raw kr[U], vr[U];
-    bool in[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {  // issue every K and V load of U rows first
-      const int64_t jj = j + int64_t(u) * groups;
-      in[u] = jj < j1;
-      if (in[u]) {
-        kr[u] = rows.load(kb + jj * p.skc[2], li);
-        vr[u] = rows.load(vb + jj * p.svc[2], li);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float kf[E], s = 0.f;
-      if (in[u]) {
-        rows.unpack_to(kr[u], kf);
-#pragma unroll
-        for (int t = 0; t < E; ++t) s = fmaf(qr[t], kf[t], s);
-      }
-      for (int o = rows.lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      const int64_t jj = j + int64_t(u) * groups;
-      if (in[u] && (p.kpm == nullptr || p.kpm[b * p.skpm[0] + jj * p.skpm[1]])) {
-        float vf[E];
-        rows.unpack_to(vr[u], vf);
-        sm.add(s, vf);
-      }
-    }
+  int64_t j = w.j0 + g;
+  if constexpr (kPre) {
+    CachePass<T, Rows> pass = first;
+    if (stale >= 0) pass.issue(rows, kb, p.skc[2], vb, p.svc[2], j, groups, w.j1, li, stale, -1);
+    attend_pass<T>(p, rows, pass, qr, w.b, j, groups, w.j1, sm);
+    j += step;
+  }
+  for (; j - g < w.j1; j += step) {  // uniform trip count
+    CachePass<T, Rows> pass;
+    pass.issue(rows, kb, p.skc[2], vb, p.svc[2], j, groups, w.j1, li, -1, -1);
+    attend_pass<T>(p, rows, pass, qr, w.b, j, groups, w.j1, sm);
   }
   for (int o = rows.lanes; o < 32; o <<= 1) sm.merge_xor(o);
   if (g == 0) {
@@ -289,17 +371,19 @@ __device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const floa
     }
 #pragma unroll
     for (int t = 0; t < E; ++t)
-      if (rows.valid(li, t)) mine[2 + rows.dim(li, t)] = sm.acc[t];
+      if (rows.valid(li, t)) mine[kPartHead + rows.dim(li, t)] = sm.acc[t];
   }
 }
 
 // Merges the nch partials of (b, h) into attn[b, h*D : (h+1)*D] (one warp). Lane c owns
 // chunks c, c + 32, ... for the max and the sum; the weighted sum of the partial outputs then
-// walks the chunks with several independent loads in flight, each lane over its own dims.
+// walks the chunks with several independent loads in flight, each lane over its own dims
+// (with CF_DECODE_VEC_MERGE and D % 4 == 0: its own 16-byte columns, 8 chunks in flight).
 // (A chunk loop with one dependent L2 round trip per step was the kernel's serial tail.)
 __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* out, int lane) {
   constexpr int kPL = kMaxD / 32;
-  const int64_t stride = D + 2;
+  const int64_t stride = part_stride(D);
+  const bool vec4 = CF_DECODE_VEC_MERGE && D % 4 == 0 && aligned16(first + kPartHead);  // warp-uniform
   float mx = -INFINITY;
   bool poisoned = false, seen = false;
   for (int64_t c = lane; c < nch; c += 32) {
@@ -312,6 +396,7 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
   poisoned = __any_sync(0xffffffffu, poisoned);
   seen = __any_sync(0xffffffffu, seen);
   poisoned |= seen && M == -INFINITY;  // allowed keys, every score -inf: NaN as softmax
+  // acc[t]: dim lane + 32 t; with vec4, acc[4 t + e]: dim 4 (lane + 32 t) + e.
   float acc[kPL], lsum = 0.f;
 #pragma unroll
   for (int t = 0; t < kPL; ++t) acc[t] = 0.f;
@@ -326,14 +411,33 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
         }
       }
       const int cnt = int(min(int64_t(32), nch - c0));
-#pragma unroll 4
-      for (int j = 0; j < cnt; ++j) {
-        const float fj = __shfl_sync(0xffffffffu, f, j);
-        const float* pc = first + (c0 + j) * stride + 2;
+      if (vec4) {
+#pragma unroll 8
+        for (int j = 0; j < cnt; ++j) {
+          const float fj = __shfl_sync(0xffffffffu, f, j);
+          const float4* pc = reinterpret_cast<const float4*>(first + (c0 + j) * stride + kPartHead);
 #pragma unroll
-        for (int t = 0; t < kPL; ++t) {
-          const int64_t d = lane + 32 * t;
-          if (d < D) acc[t] = fmaf(fj, __ldcg(pc + d), acc[t]);
+          for (int t = 0; t < kPL / 4; ++t) {
+            const int64_t d4 = lane + 32 * t;
+            if (4 * d4 < D) {
+              const float4 v = __ldcg(pc + d4);
+              acc[4 * t] = fmaf(fj, v.x, acc[4 * t]);
+              acc[4 * t + 1] = fmaf(fj, v.y, acc[4 * t + 1]);
+              acc[4 * t + 2] = fmaf(fj, v.z, acc[4 * t + 2]);
+              acc[4 * t + 3] = fmaf(fj, v.w, acc[4 * t + 3]);
+            }
+          }
+        }
+      } else {
+#pragma unroll 4
+        for (int j = 0; j < cnt; ++j) {
+          const float fj = __shfl_sync(0xffffffffu, f, j);
+          const float* pc = first + (c0 + j) * stride + kPartHead;
+#pragma unroll
+          for (int t = 0; t < kPL; ++t) {
+            const int64_t d = lane + 32 * t;
+            if (d < D) acc[t] = fmaf(fj, __ldcg(pc + d), acc[t]);
+          }
         }
       }
     }
@@ -342,7 +446,7 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
   const float inv = poisoned ? NAN : (L > 0.f ? 1.f / L : 0.f);
 #pragma unroll
   for (int t = 0; t < kPL; ++t) {
-    const int64_t d = lane + 32 * t;
+    const int64_t d = vec4 ? 4 * (lane + 32 * (t / 4)) + t % 4 : lane + 32 * t;
     if (d < D) out[d] = acc[t] * inv;
   }
 }
@@ -350,6 +454,7 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
 // kVecCache picks the phase-2 row layout at compile time: inlining both spills registers.
 template <typename T, bool kVecCache>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
+  using Rows = std::conditional_t<kVecCache, VecRows<T>, ScalarRows<T>>;
   cg::grid_group grid = cg::this_grid();
   const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
   const int64_t warp = int64_t(blockIdx.x) * kWarps + wib, nwarps = int64_t(gridDim.x) * kWarps;
@@ -399,16 +504,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
       }
     }
   }
+  const Rows rows(D);
+  const int64_t stale = append ? p.pos : -1;  // the cache row phase 1 writes
+  CachePass<T, Rows> cache_pre;
+  if (CF_DECODE_PREFETCH && warp < items) prefetch_chunk<T>(p, rows, Item(warp, H, nch, chunk, n), stale, lane, &cache_pre);
   grid.sync();
 
   // ---- phase 2: split-K attention over cache rows [0, n), merged by the last warp
-  for (int64_t it = warp; it < items; it += nwarps) {
-    const int64_t b = it / (H * nch), h = (it / nch) % H, c = it % nch;
-    const int64_t j0 = c * chunk, j1 = min(n, j0 + chunk);
-    const float* qh = q + b * DB + h * D;
-    float* mine = part + it * (D + 2);
-    if constexpr (kVecCache) attend_chunk<T>(p, VecRows<T>(D), qh, b, h, j0, j1, mine, lane);
-    else attend_chunk<T>(p, ScalarRows<T>(D), qh, b, h, j0, j1, mine, lane);
+  auto phase2_item = [&](int64_t it, auto pre) {
+    const Item w(it, H, nch, chunk, n);
+    const int64_t b = w.b, h = w.h;
+    attend_chunk<T, decltype(pre)::value>(p, rows, q + b * DB + h * D, w, part + it * part_stride(D), lane, cache_pre,
+                                          stale);
     __threadfence();
     __syncwarp();
     int last = 0;
@@ -416,17 +523,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
     last = __shfl_sync(0xffffffffu, last, 0);
     if (last) {  // every chunk of (b, h) is written: merge them
       __threadfence();
-      merge_chunks(part + (b * H + h) * nch * (D + 2), nch, D, attn + b * DB + h * D, lane);
+      merge_chunks(part + (b * H + h) * nch * part_stride(D), nch, D, attn + b * DB + h * D, lane);
     }
+  };
+  int64_t it = warp;
+  if (CF_DECODE_PREFETCH && it < items) {  // peeled: the prefetched pass is dead after it
+    phase2_item(it, std::true_type{});
+    it += nwarps;
   }
+  for (; it < items; it += nwarps) phase2_item(it, std::false_type{});
+
+  const T* w_o = static_cast<const T*>(p.w_o);
+  WeightPass<T> w_o_pre;
+  const bool o_pre = CF_DECODE_PREFETCH && vec.o && warp < DB;
+  if (o_pre) w_o_pre.issue(reinterpret_cast<const uint4*>(w_o + warp * p.swo), lane, DB / Vec<T>::N);
   grid.sync();
 
   // ---- phase 3: out = h_b + W_o attn
-  for (int64_t r = warp; r < DB; r += nwarps) {
+  auto phase3_row = [&](int64_t r, auto pre) {
     for (int64_t b0 = 0; b0 < B; b0 += kMaxB) {
       const int nb = int(min(int64_t(kMaxB), B - b0));
       float acc[kMaxB];
-      rows_dot<T, float>(static_cast<const T*>(p.w_o) + r * p.swo, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc);
+      rows_dot<T, float, decltype(pre)::value>(w_o + r * p.swo, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc, w_o_pre);
 #pragma unroll
       for (int bb = 0; bb < kMaxB; ++bb)
         if (bb < nb && lane == bb) {
@@ -434,7 +552,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
           static_cast<T*>(p.out)[b * p.sout + r] = from_f<T>(to_f(h_b[b * p.shb + r]) + acc[bb]);
         }
     }
+  };
+  int64_t r = warp;
+  if (o_pre) {  // peeled, as in phase 2
+    phase3_row(r, std::true_type{});
+    r += nwarps;
   }
+  for (; r < DB; r += nwarps) phase3_row(r, std::false_type{});
 }
 
 bool aligned16_host(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
