@@ -29,12 +29,10 @@ LOG="$OUT_DIR/$([[ $PHASE == build ]] && echo build || echo sweep).log"
 DEADLINE=$(( $(date +%s) + ${SWEEP_BUDGET_S:-360} ))
 log() { echo "$*" | tee -a "$LOG"; }
 
-# base = the committed defaults. ptxas on sm_90 (nvcc 13), bf16 kernel: base 128 registers,
-# 8 bytes of spill; minb1 254 registers, no spill, one block per SM; pf 128 registers and
-# ~380 bytes of spill; wl4 and minb3 spill hundreds of bytes.
-# pf: CF_DECODE_PREFETCH=1 (first loads of phases 2 and 3 issued before their grid.sync);
-# vm: CF_DECODE_VEC_MERGE=1 (16-byte loads in the split-K merge).
-VARIANTS=${VARIANTS:-"base: vm:-DCF_DECODE_VEC_MERGE=1 pf:-DCF_DECODE_PREFETCH=1 pf_vm:-DCF_DECODE_PREFETCH=1,-DCF_DECODE_VEC_MERGE=1 pf_vm_minb1:-DCF_DECODE_PREFETCH=1,-DCF_DECODE_VEC_MERGE=1,-DCF_DECODE_MIN_BLOCKS=1 vm_minb1_wl16:-DCF_DECODE_VEC_MERGE=1,-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_WEIGHT_LOADS=16 pf_vm_minb1_cr8:-DCF_DECODE_PREFETCH=1,-DCF_DECODE_VEC_MERGE=1,-DCF_DECODE_MIN_BLOCKS=1,-DCF_DECODE_CACHE_ROWS=8"}
+# base = the committed defaults. Third H100 lease (bench/RESULTS.md), graph-replayed µs at
+# B = 1 / 4: base 107 / 195; MIN_CHUNK=32 106 / 195, CACHE_ROWS=8 108 / 196 (noise level);
+# MIN_BLOCKS=1 (230-250 registers, no spill, one block per SM) and WEIGHT_LOADS=16 slower.
+VARIANTS=${VARIANTS:-"base: mc32:-DCF_DECODE_MIN_CHUNK=32 cr8:-DCF_DECODE_CACHE_ROWS=8 minb1:-DCF_DECODE_MIN_BLOCKS=1"}
 
 GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 GPU_ARCH=${GPU_ARCH:-90}

@@ -77,14 +77,15 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, of
                     skn, svn, Tk, D, causal_off, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Scores stay unscaled: the row max is taken on raw scores and scaled once per row, so the
-    # exp2 argument s * qk_scale - m (qk_scale = sm_scale*log2(e)) is one FMA per score.
+    # Scores are scaled in fp32 (qk_scale = sm_scale*log2(e): exp2 domain). The row max on raw
+    # scores (exp2 argument one FMA) was tried and dropped: on an H100 it gave 432 / 460 TFLOP/s
+    # (causal / context, T = 8192) where this form gave 439 / 490 (bench/RESULTS.md).
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         k = _load_rows(k_base + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
                        MASKED, PAD_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
             allowed = offs_n[None, :] < Tk
             if CAUSAL:
@@ -98,8 +99,8 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, of
             else:  # every row sees the whole block: one reduction over the keys
                 seen = seen | (tl.max(keep.to(tl.int32), 0) > 0)
         # m_i starts at -1e30 (finite), so a fully masked tile gives p = 0, alpha = 1, no NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,

@@ -45,15 +45,6 @@ namespace {
 #ifndef CF_DECODE_MIN_CHUNK
 #define CF_DECODE_MIN_CHUNK 16
 #endif
-// 1: each warp issues its first phase-2 cache loads and its first phase-3 weight loads before
-// the grid.sync that precedes that phase, so their latency overlaps the wait at the barrier.
-#ifndef CF_DECODE_PREFETCH
-#define CF_DECODE_PREFETCH 0
-#endif
-// 1: the split-K merge reads the partial outputs with 16-byte loads, 8 chunks in flight.
-#ifndef CF_DECODE_VEC_MERGE
-#define CF_DECODE_VEC_MERGE 0
-#endif
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -159,23 +150,17 @@ __device__ __forceinline__ void dot_pass(const WeightPass<T>& pass, int64_t c0, 
 }
 
 // Warp-wide dot products of one weight row w (length L) with nb <= kMaxB vectors
-// x + bb * sx: the row is read once for all of them. Every lane gets acc[bb]. With kPre,
-// `first` holds this lane's first pass over the row, issued earlier (before a grid.sync).
-template <typename T, typename X, bool kPre = false>
+// x + bb * sx: the row is read once for all of them. Every lane gets acc[bb].
+template <typename T, typename X>
 __device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64_t sx, int nb, int64_t L,
-                         int lane, bool vec, float (&acc)[kMaxB], const WeightPass<T>& first = {}) {
+                         int lane, bool vec, float (&acc)[kMaxB]) {
 #pragma unroll
   for (int bb = 0; bb < kMaxB; ++bb) acc[bb] = 0.f;
   if (vec) {
     constexpr int step = 32 * WeightPass<T>::U;
     const int64_t chunks = L / Vec<T>::N;
     const uint4* w4 = reinterpret_cast<const uint4*>(w);
-    int64_t c0 = lane;
-    if constexpr (kPre) {
-      dot_pass<T, X>(first, c0, chunks, x, sx, nb, acc);
-      c0 += step;
-    }
-    for (; c0 < chunks; c0 += step) {
+    for (int64_t c0 = lane; c0 < chunks; c0 += step) {
       WeightPass<T> pass;
       pass.issue(w4, c0, chunks);
       dot_pass<T, X>(pass, c0, chunks, x, sx, nb, acc);
@@ -275,13 +260,13 @@ template <typename T, class Rows>
 struct CachePass {
   static constexpr int U = Rows::U;
   typename Rows::Raw kr[U], vr[U];
-  // Loads the rows below j1; only row `only` when only >= 0; never row `skip`.
+  // Loads the rows below j1.
   __device__ void issue(const Rows& rows, const T* kb, int64_t skn, const T* vb, int64_t svn, int64_t j,
-                        int groups, int64_t j1, int li, int64_t only, int64_t skip) {
+                        int groups, int64_t j1, int li) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t jj = j + int64_t(u) * groups;
-      if (jj < j1 && (only < 0 || jj == only) && jj != skip) {
+      if (jj < j1) {
         kr[u] = rows.load(kb + jj * skn, li);
         vr[u] = rows.load(vb + jj * svn, li);
       }
@@ -301,15 +286,6 @@ template <typename T> __device__ const T* k_head(const DecodeParams& p, const It
 }
 template <typename T> __device__ const T* v_head(const DecodeParams& p, const Item& w) {
   return static_cast<const T*>(p.vc) + w.b * p.svc[0] + w.h * p.svc[1];
-}
-
-// Issues the first pass of item w before q and the new cache row exist (before the grid.sync):
-// every row but `stale` (the row phase 1 writes), which attend_chunk loads after the sync.
-template <typename T, class Rows>
-__device__ void prefetch_chunk(const DecodeParams& p, const Rows& rows, const Item& w, int64_t stale, int lane,
-                               CachePass<T, Rows>* pass) {
-  const int li = lane % rows.lanes, g = lane / rows.lanes, groups = 32 / rows.lanes;
-  pass->issue(rows, k_head<T>(p, w), p.skc[2], v_head<T>(p, w), p.svc[2], w.j0 + g, groups, w.j1, li, -1, stale);
 }
 
 // Scores the pass's rows j + u * groups (< j1) against q and adds the kept ones to sm.
@@ -337,10 +313,9 @@ __device__ __forceinline__ void attend_pass(const DecodeParams& p, const Rows& r
 }
 
 // Phase 2 for one item: cache rows [j0, j1) of (b, h) into the partial `mine` (part_stride(D) floats).
-// With kPre, `first` is the item's first pass from prefetch_chunk, short of row `stale`.
-template <typename T, bool kPre, class Rows>
+template <typename T, class Rows>
 __device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const float* qh, const Item& w, float* mine,
-                             int lane, const CachePass<T, Rows>& first, int64_t stale) {
+                             int lane) {
   constexpr int E = Rows::E;
   const int li = lane % rows.lanes, g = lane / rows.lanes, groups = 32 / rows.lanes;
   const int64_t step = int64_t(groups) * Rows::U;
@@ -350,16 +325,9 @@ __device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const floa
   const T* kb = k_head<T>(p, w);
   const T* vb = v_head<T>(p, w);
   Softmax<E> sm;
-  int64_t j = w.j0 + g;
-  if constexpr (kPre) {
-    CachePass<T, Rows> pass = first;
-    if (stale >= 0) pass.issue(rows, kb, p.skc[2], vb, p.svc[2], j, groups, w.j1, li, stale, -1);
-    attend_pass<T>(p, rows, pass, qr, w.b, j, groups, w.j1, sm);
-    j += step;
-  }
-  for (; j - g < w.j1; j += step) {  // uniform trip count
+  for (int64_t j = w.j0 + g; j - g < w.j1; j += step) {  // uniform trip count
     CachePass<T, Rows> pass;
-    pass.issue(rows, kb, p.skc[2], vb, p.svc[2], j, groups, w.j1, li, -1, -1);
+    pass.issue(rows, kb, p.skc[2], vb, p.svc[2], j, groups, w.j1, li);
     attend_pass<T>(p, rows, pass, qr, w.b, j, groups, w.j1, sm);
   }
   for (int o = rows.lanes; o < 32; o <<= 1) sm.merge_xor(o);
@@ -378,12 +346,13 @@ __device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const floa
 // Merges the nch partials of (b, h) into attn[b, h*D : (h+1)*D] (one warp). Lane c owns
 // chunks c, c + 32, ... for the max and the sum; the weighted sum of the partial outputs then
 // walks the chunks with several independent loads in flight, each lane over its own dims
-// (with CF_DECODE_VEC_MERGE and D % 4 == 0: its own 16-byte columns, 8 chunks in flight).
-// (A chunk loop with one dependent L2 round trip per step was the kernel's serial tail.)
+// (D % 4 == 0: its own 16-byte columns, 8 chunks in flight). A chunk loop with one dependent
+// L2 round trip per step was the kernel's serial tail; the 16-byte loads took B = 1, D_B 4096
+// from 122 to 107 us on an H100 (bench/RESULTS.md).
 __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* out, int lane) {
   constexpr int kPL = kMaxD / 32;
   const int64_t stride = part_stride(D);
-  const bool vec4 = CF_DECODE_VEC_MERGE && D % 4 == 0 && aligned16(first + kPartHead);  // warp-uniform
+  const bool vec4 = D % 4 == 0 && aligned16(first + kPartHead);  // warp-uniform
   float mx = -INFINITY;
   bool poisoned = false, seen = false;
   for (int64_t c = lane; c < nch; c += 32) {
@@ -504,18 +473,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
       }
     }
   }
-  const Rows rows(D);
-  const int64_t stale = append ? p.pos : -1;  // the cache row phase 1 writes
-  CachePass<T, Rows> cache_pre;
-  if (CF_DECODE_PREFETCH && warp < items) prefetch_chunk<T>(p, rows, Item(warp, H, nch, chunk, n), stale, lane, &cache_pre);
   grid.sync();
 
   // ---- phase 2: split-K attention over cache rows [0, n), merged by the last warp
-  auto phase2_item = [&](int64_t it, auto pre) {
+  const Rows rows(D);
+  for (int64_t it = warp; it < items; it += nwarps) {
     const Item w(it, H, nch, chunk, n);
     const int64_t b = w.b, h = w.h;
-    attend_chunk<T, decltype(pre)::value>(p, rows, q + b * DB + h * D, w, part + it * part_stride(D), lane, cache_pre,
-                                          stale);
+    attend_chunk<T>(p, rows, q + b * DB + h * D, w, part + it * part_stride(D), lane);
     __threadfence();
     __syncwarp();
     int last = 0;
@@ -525,26 +490,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
       __threadfence();
       merge_chunks(part + (b * H + h) * nch * part_stride(D), nch, D, attn + b * DB + h * D, lane);
     }
-  };
-  int64_t it = warp;
-  if (CF_DECODE_PREFETCH && it < items) {  // peeled: the prefetched pass is dead after it
-    phase2_item(it, std::true_type{});
-    it += nwarps;
   }
-  for (; it < items; it += nwarps) phase2_item(it, std::false_type{});
-
-  const T* w_o = static_cast<const T*>(p.w_o);
-  WeightPass<T> w_o_pre;
-  const bool o_pre = CF_DECODE_PREFETCH && vec.o && warp < DB;
-  if (o_pre) w_o_pre.issue(reinterpret_cast<const uint4*>(w_o + warp * p.swo), lane, DB / Vec<T>::N);
   grid.sync();
 
   // ---- phase 3: out = h_b + W_o attn
-  auto phase3_row = [&](int64_t r, auto pre) {
+  for (int64_t r = warp; r < DB; r += nwarps) {
     for (int64_t b0 = 0; b0 < B; b0 += kMaxB) {
       const int nb = int(min(int64_t(kMaxB), B - b0));
       float acc[kMaxB];
-      rows_dot<T, float, decltype(pre)::value>(w_o + r * p.swo, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc, w_o_pre);
+      rows_dot<T, float>(static_cast<const T*>(p.w_o) + r * p.swo, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc);
 #pragma unroll
       for (int bb = 0; bb < kMaxB; ++bb)
         if (bb < nb && lane == bb) {
@@ -552,13 +506,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
           static_cast<T*>(p.out)[b * p.sout + r] = from_f<T>(to_f(h_b[b * p.shb + r]) + acc[bb]);
         }
     }
-  };
-  int64_t r = warp;
-  if (o_pre) {  // peeled, as in phase 2
-    phase3_row(r, std::true_type{});
-    r += nwarps;
   }
-  for (; r < DB; r += nwarps) phase3_row(r, std::false_type{});
 }
 
 bool aligned16_host(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
