@@ -152,6 +152,27 @@ def test_attention_interpreter_fp32(b, h, tq, tk, d, mask, kpm):
     check_attention(b, h, tq, tk, d, mask, kpm, torch.float32, "cpu", tol=1e-5)
 
 
+# Programs taken in groups of heads (_program_order): groups that do not divide B * H, a group
+# larger than B * H, forward and both backward kernels. Group 1 is covered by every other test.
+@interp_only
+@pytest.mark.parametrize("group", ["2", "5"])
+@pytest.mark.parametrize("b,h,tq,tk,d,mask,kpm", [(2, 3, 37, 37, 32, "aligned", None),
+                                                   (1, 2, 19, 53, 24, "aligned", "rand"),
+                                                   (3, 1, 40, 23, 16, "context", "rand")])
+def test_attention_interpreter_head_groups(monkeypatch, group, b, h, tq, tk, d, mask, kpm):
+    monkeypatch.setenv("CALM_FAST_TRITON_HEAD_GROUP", group)
+    check_attention(b, h, tq, tk, d, mask, kpm, torch.float32, "cpu", tol=1e-5)
+
+
+@interp_only
+@pytest.mark.parametrize("value", ["0", "-2", "two", ""])
+def test_head_group_setting_is_checked(monkeypatch, value):
+    monkeypatch.setenv("CALM_FAST_TRITON_HEAD_GROUP", value)
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="CALM_FAST_TRITON_HEAD_GROUP"):
+        tx.cross_attention(q, q, q, "aligned")
+
+
 @interp_only
 def test_attention_interpreter_strided_views():
     # q/k/v as split_heads() views of (B, T, H*d): no copies needed, same answer.
@@ -421,6 +442,14 @@ GPU_ATTN_PARAMS = ([(*c, torch.bfloat16, 1e-2) for c in GPU_ATTN_CASES]
 @pytest.mark.parametrize("b,h,tq,tk,d,mask,kpm,dtype,tol", GPU_ATTN_PARAMS)
 def test_attention_gpu(no_autotune, b, h, tq, tk, d, mask, kpm, dtype, tol):
     check_attention(b, h, tq, tk, d, mask, kpm, dtype, "cuda", tol)
+
+
+@gpu_only
+@pytest.mark.parametrize("group", ["auto", "3"])
+def test_attention_gpu_head_groups(no_autotune, monkeypatch, group):
+    monkeypatch.setenv("CALM_FAST_TRITON_HEAD_GROUP", group)
+    check_attention(2, 5, 700, 700, 128, "aligned", "rand", torch.bfloat16, "cuda", 1e-2)
+    check_attention(3, 2, 333, 1000, 64, "context", None, torch.bfloat16, "cuda", 1e-2)
 
 
 @gpu_only

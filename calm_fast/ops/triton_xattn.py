@@ -13,6 +13,12 @@ Layout and numerics
   Rows that see no key output 0 and get zero gradient: their LSE is stored as +inf, so every
   recomputed probability of such a row is exp2(s - inf) = 0 in the backward pass.
 
+Settings (environment, read at each call)
+  CALM_FAST_TRITON_AUTOTUNE=0: one fixed tile per kernel instead of autotuning (tests).
+  CALM_FAST_TRITON_HEAD_GROUP=1 | auto | N: the order in which attention programs run, heads
+  taken N at a time, heaviest causal blocks first (_program_order); 1, the default, is each
+  head's blocks in turn.
+
 Interpreter
   TRITON_INTERPRET is read by triton.jit when a kernel is *decorated*, for triton's own library
   functions (tl.zeros, tl.sum, ...) as much as for ours, so whether Triton runs interpreted is
@@ -69,6 +75,25 @@ def _load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, PAD_D: t
     return x
 
 
+@triton.jit
+def _program_order(pid, n_blk, GROUP):
+    """Program `pid` of a 1-D grid of n_blk blocks times the batch's heads -> (rank, bh).
+
+    Heads are taken GROUP at a time; inside a group the rank varies slowest, so the grid runs
+    rank 0 of each of the group's heads, then rank 1, ... Kernels map rank 0 to their heaviest
+    block under the causal mask: with GROUP > 1 the heavy blocks of every head in the group
+    start early and the grid's last wave holds only light ones (with GROUP = 1 the last head's
+    heaviest block starts near the end and the other SMs idle while it runs). GROUP = 1 is
+    the plain per-head order. A 1-D grid also lifts the 65535 limit on heads x batch."""
+    n_bh = tl.num_programs(0) // n_blk
+    per_group = GROUP * n_blk
+    g = pid // per_group
+    g0 = g * GROUP
+    size = tl.minimum(GROUP, n_bh - g0)
+    r = pid - g * per_group
+    return r // size, g0 + r % size
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -114,14 +139,14 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, of
 @triton.jit
 def _attn_fwd(Q, K, V, KPM, O, LSE,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skpm,
-              H, Tq, Tk, D, qk_scale, TQ_KEY, TK_KEY,
+              H, Tq, Tk, D, qk_scale, GROUP, TQ_KEY, TK_KEY,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
               PAD_D: tl.constexpr, PREC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid_m, pid_bh = _program_order(tl.program_id(0), n_m, GROUP)
     if CAUSAL:   # heaviest query blocks first (they see the most keys): a shorter tail wave
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = n_m - 1 - pid_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -230,12 +255,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, of
 def _attn_bwd_dkdv(Q, K, V, DO, KPM, LSE, DELTA, DK, DV,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, skpm,
-                   H, Tq, Tk, D, qk_scale, sm_scale, TQ_KEY, TK_KEY,
+                   H, Tq, Tk, D, qk_scale, sm_scale, GROUP, TQ_KEY, TK_KEY,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAD_D: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Rank order = key block order: under the causal mask key block 0 sees the most queries.
+    pid_n, pid_bh = _program_order(tl.program_id(0), tl.cdiv(Tk, BLOCK_N), GROUP)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     n0 = pid_n * BLOCK_N
@@ -315,14 +340,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, 
 def _attn_bwd_dq(Q, K, V, DO, KPM, LSE, DELTA, DQ,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdqb, sdqh, sdqm, skpm,
-                 H, Tq, Tk, D, qk_scale, sm_scale, TQ_KEY, TK_KEY,
+                 H, Tq, Tk, D, qk_scale, sm_scale, GROUP, TQ_KEY, TK_KEY,
                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAD_D: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid_m, pid_bh = _program_order(tl.program_id(0), n_m, GROUP)
     if CAUSAL:   # heaviest query blocks first, as in the forward
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = n_m - 1 - pid_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -601,6 +626,28 @@ def _launch(name: str, device: torch.device, grid, *args, num_warps: int = 4, **
     globals()[name][grid](*args, **constexprs, num_warps=num_warps)
 
 
+def _head_group(causal: bool, n_blk: int, n_bh: int, device: torch.device) -> int:
+    """Heads per group in the programs' order (_program_order). CALM_FAST_TRITON_HEAD_GROUP:
+    "1" (default: each head's blocks in turn), "auto" (causal only: enough heads per group that
+    a group's work per SM exceeds its heaviest block, so no SM is left with a heavy block at the
+    end; not yet timed on a GPU, bench_attention.py compares both) or a positive integer."""
+    how = os.environ.get("CALM_FAST_TRITON_HEAD_GROUP", "1").strip()
+    if how == "auto":
+        if not causal or _interpreter_active():
+            return 1
+        # A group of G heads is ~G * n_blk^2 / 2 block steps, its heaviest block n_blk of them:
+        # G >= 2 * SMs / n_blk spreads the group over every SM for longer than that block takes
+        # (twice that, for margin). G heads' K/V then stay near 35 MB, within an H100's L2.
+        return max(1, min(n_bh, math.ceil(4 * _sm_count(device) / n_blk)))
+    try:
+        group = int(how)
+    except ValueError:
+        group = 0
+    if group < 1:
+        raise ValueError(f"CALM_FAST_TRITON_HEAD_GROUP must be 'auto' or a positive integer, not {how!r}")
+    return group
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -650,12 +697,13 @@ def _attn_forward(q, k, v, causal: bool, kpm):
     sm_scale = 1.0 / math.sqrt(d)
 
     def grid(meta):
-        return (triton.cdiv(tq, meta["BLOCK_M"]), b * h)
+        return (triton.cdiv(tq, meta["BLOCK_M"]) * b * h,)
 
     _launch_tuned("_attn_fwd", q.device, grid, q, k, v, kpm_t, out, lse,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                  skpm, h, tq, tk, d, sm_scale * _LOG2E, _bucket(tq), _bucket(tk),
+                  skpm, h, tq, tk, d, sm_scale * _LOG2E,
+                  _head_group(causal, triton.cdiv(tq, 128), b * h, q.device), _bucket(tq), _bucket(tk),
                   CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
                   PREC=_precision(q.dtype))
     return out, lse
@@ -683,14 +731,15 @@ def _attn_backward(do, q, k, v, out, lse, causal: bool, kpm):
             h, tq, d, HEAD_DIM=hd, BLOCK_M=block)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    scalars = (h, tq, tk, d, sm_scale * _LOG2E, sm_scale, _bucket(tq), _bucket(tk))
+    group = _head_group(causal, triton.cdiv(max(tq, tk), 128), b * h, q.device)
+    scalars = (h, tq, tk, d, sm_scale * _LOG2E, sm_scale, group, _bucket(tq), _bucket(tk))
     _launch_tuned("_attn_bwd_dkdv", q.device,
-                  lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]), b * h),
+                  lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]) * b * h,),
                   q, k, v, do, kpm_t, lse, delta, dk, dv, *common,
                   dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                   skpm, *scalars, **flags)
     _launch_tuned("_attn_bwd_dq", q.device,
-                  lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]), b * h),
+                  lambda meta: (triton.cdiv(tq, meta["BLOCK_M"]) * b * h,),
                   q, k, v, do, kpm_t, lse, delta, dq, *common,
                   dq.stride(0), dq.stride(1), dq.stride(2), skpm, *scalars, **flags)
     return dq, dk, dv
