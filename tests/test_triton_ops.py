@@ -155,7 +155,7 @@ def test_attention_interpreter_fp32(b, h, tq, tk, d, mask, kpm):
 # Programs taken in groups of heads (_program_order): groups that do not divide B * H, a group
 # larger than B * H, forward and both backward kernels. Group 1 is covered by every other test.
 @interp_only
-@pytest.mark.parametrize("group", ["2", "5"])
+@pytest.mark.parametrize("group", ["2", "5", "2000000000"])
 @pytest.mark.parametrize("b,h,tq,tk,d,mask,kpm", [(2, 3, 37, 37, 32, "aligned", None),
                                                    (1, 2, 19, 53, 24, "aligned", "rand"),
                                                    (3, 1, 40, 23, 16, "context", "rand")])

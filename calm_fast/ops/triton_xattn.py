@@ -645,7 +645,9 @@ def _head_group(causal: bool, n_blk: int, n_bh: int, device: torch.device) -> in
         group = 0
     if group < 1:
         raise ValueError(f"CALM_FAST_TRITON_HEAD_GROUP must be 'auto' or a positive integer, not {how!r}")
-    return group
+    # Never more than the heads there are: the kernel's GROUP * blocks then stays within the grid
+    # size (int32), whatever the setting.
+    return min(group, max(n_bh, 1))
 
 
 def _bucket(n: int) -> int:
