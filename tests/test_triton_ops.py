@@ -164,6 +164,18 @@ def test_attention_interpreter_head_groups(monkeypatch, group, b, h, tq, tk, d, 
     check_attention(b, h, tq, tk, d, mask, kpm, torch.float32, "cpu", tol=1e-5)
 
 
+def test_auto_head_group_sizes():
+    # H100 (132 SMs), bench shapes: 8 heads of 32 at T = 8192 (64 blocks of 128 rows).
+    assert tx.auto_head_group(64, 32, 132) == 8
+    for n_blk in (1, 3, 8, 64, 1000):
+        for n_bh in (1, 2, 7, 31, 64, 256, 1000):
+            g = tx.auto_head_group(n_blk, n_bh, 132)
+            assert 1 <= g <= n_bh
+            groups = -(-n_bh // g)
+            last = n_bh - (groups - 1) * g
+            assert last >= g - groups + 1, (n_blk, n_bh, g)   # near-equal groups, no stub at the end
+
+
 @interp_only
 @pytest.mark.parametrize("value", ["0", "-2", "two", ""])
 def test_head_group_setting_is_checked(monkeypatch, value):

@@ -626,6 +626,17 @@ def _launch(name: str, device: torch.device, grid, *args, num_warps: int = 4, **
     globals()[name][grid](*args, **constexprs, num_warps=num_warps)
 
 
+def auto_head_group(n_blk: int, n_bh: int, n_sm: int) -> int:
+    """Heads per group for the causal kernels (bench/model_program_order.py models the choice).
+
+    A group of G heads is ~G * n_blk^2 / 2 block steps, its heaviest block n_blk of them:
+    G >= 2 * SMs / n_blk keeps every SM busy for longer than that block takes (twice that, for
+    margin); G heads' K/V then stay near 35 MB, within an H100's L2. The heads are then split
+    into groups of near-equal size: a last group of one head would bring the tail back."""
+    want = max(1, min(n_bh, math.ceil(4 * n_sm / max(n_blk, 1))))
+    return math.ceil(n_bh / math.ceil(n_bh / want))
+
+
 def _head_group(causal: bool, n_blk: int, n_bh: int, device: torch.device) -> int:
     """Heads per group in the programs' order (_program_order). CALM_FAST_TRITON_HEAD_GROUP:
     "1" (default: each head's blocks in turn), "auto" (causal only: enough heads per group that
@@ -635,10 +646,7 @@ def _head_group(causal: bool, n_blk: int, n_bh: int, device: torch.device) -> in
     if how == "auto":
         if not causal or _interpreter_active():
             return 1
-        # A group of G heads is ~G * n_blk^2 / 2 block steps, its heaviest block n_blk of them:
-        # G >= 2 * SMs / n_blk spreads the group over every SM for longer than that block takes
-        # (twice that, for margin). G heads' K/V then stay near 35 MB, within an H100's L2.
-        return max(1, min(n_bh, math.ceil(4 * _sm_count(device) / n_blk)))
+        return auto_head_group(n_blk, n_bh, _sm_count(device))
     try:
         group = int(how)
     except ValueError:
