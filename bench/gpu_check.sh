@@ -9,7 +9,8 @@
 #   attention d=128 vs SDPA) -> bench_attn (Triton vs SDPA flash, fwd/bwd) -> onnx (ORT CUDA EP
 #   vs eager and torch.compile, only when an onnxruntime with CUDA is installed, see below) ->
 #   test_triton (GPU attention + non-finite decode tests of tests/test_triton_ops.py) -> profile (ncu on one
-#   decode-step launch, bench/gpu_decode_once.py) -> calm (bench/gpu_calm_check.py)
+#   decode-step launch, bench/gpu_decode_once.py) -> profile_attn (ncu on one causal Triton
+#   forward launch, bench/gpu_attn_once.py) -> calm (bench/gpu_calm_check.py)
 #   -> summary. Stages run in that order of importance; each one's timeout is cut to the time
 #   left of GPU_CHECK_BUDGET_S (default 500 s), so the last ones are skipped when time is short.
 # ONNX Runtime with CUDA: the machine's own onnxruntime has no CUDA EP. If .ortgpu/install.sh
@@ -114,6 +115,15 @@ if (( BUILD_OK )) && command -v ncu >/dev/null; then
     --section LaunchStats --section WarpStateStats "$PY" bench/gpu_decode_once.py
 else
   skip_stage profile "no build or no ncu"
+fi
+
+# ---- where the causal Triton forward's time goes (its 450 TFLOP/s target): one launch at T = 8192
+if command -v ncu >/dev/null; then
+  run_stage profile_attn 60 ncu --clock-control none -k regex:_attn_fwd -s 5 -c 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    "$PY" bench/gpu_attn_once.py
+else
+  skip_stage profile_attn "no ncu"
 fi
 
 # ---- the composed model end to end on the GPU: auto backends vs reference (fixed Triton
