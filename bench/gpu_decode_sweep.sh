@@ -34,7 +34,7 @@ log() { echo "$*" | tee -a "$LOG"; }
 # MIN_BLOCKS=1 (230-250 registers, no spill, one block per SM) and WEIGHT_LOADS=16 slower.
 # Not yet timed: ufp = CF_DECODE_UNCHECKED_FULL_PASSES=1; minb3 = 3 blocks per SM (80
 # registers) with fewer loads in flight per warp (240 bytes of spill, 450 with the default loads).
-VARIANTS=${VARIANTS:-"base: ufp:-DCF_DECODE_UNCHECKED_FULL_PASSES=1 ufp_mc32:-DCF_DECODE_UNCHECKED_FULL_PASSES=1,-DCF_DECODE_MIN_CHUNK=32 mc32:-DCF_DECODE_MIN_CHUNK=32 minb3:-DCF_DECODE_MIN_BLOCKS=3,-DCF_DECODE_WEIGHT_LOADS=4,-DCF_DECODE_CACHE_ROWS=2"}
+VARIANTS=${VARIANTS:-"base: ufp:-DCF_DECODE_UNCHECKED_FULL_PASSES=1 minb3:-DCF_DECODE_MIN_BLOCKS=3,-DCF_DECODE_WEIGHT_LOADS=4,-DCF_DECODE_CACHE_ROWS=2 mc32:-DCF_DECODE_MIN_CHUNK=32"}
 
 GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 GPU_ARCH=${GPU_ARCH:-90}
