@@ -110,9 +110,10 @@ run_stage test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_trit
 
 # ---- where the decode kernel's time goes: Nsight Compute on one launch (clocks left alone)
 if (( BUILD_OK )) && command -v ncu >/dev/null; then
-  run_stage profile 90 ncu --clock-control none -k regex:decode_step_kernel -s 2 -c 1 \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-    --section LaunchStats --section WarpStateStats "$PY" bench/gpu_decode_once.py
+  # batch 1, then batch 4 (where the kernel trails cuBLAS + SDPA the most)
+  run_stage profile 90 bash -c 'for b in 1 4; do ncu --clock-control none -k regex:decode_step_kernel \
+    -s 2 -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats "$0" bench/gpu_decode_once.py $b || exit 1; done' "$PY"
 else
   skip_stage profile "no build or no ncu"
 fi

@@ -1,12 +1,17 @@
 """One bridge decode step on the CUDA backend, a few times: the workload `ncu` profiles in
-bench/gpu_check.sh (B = 1, D_B = 4096, D_A = 2048, 32 heads of 128, 2048 cached rows, bf16,
-the same sizes as bench_bridge.py --quick's decode rows)."""
+bench/gpu_check.sh (B = 1, or the batch given as the first argument; D_B = 4096, D_A = 2048,
+32 heads of 128, 2048 cached rows, bf16, the same sizes as bench_bridge.py --quick's decode rows)."""
+import sys
+
 import torch
 
 from calm_fast import ops
 from calm_fast.ops import reference as ref
 
-B, D_B, D_A, HEAD, ROWS = 1, 4096, 2048, 128, 2048
+B = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+if B < 1:
+    raise SystemExit(f"batch must be >= 1, got {B}")
+D_B, D_A, HEAD, ROWS = 4096, 2048, 128, 2048
 dev, dt = torch.device("cuda"), torch.bfloat16
 gen = torch.Generator(device=dev).manual_seed(0)
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything GPU-side in ONE device call (about 9 minutes), for a lease of a few minutes:
 #   1. bench/gpu_check.sh (build, CUDA tests, benchmarks, Triton GPU tests, profile, the composed
-#      model), within GPU_CHECK_BUDGET_S (default 380 s); meanwhile the decode sweep's variants
+#      model), within GPU_CHECK_BUDGET_S (default 400 s); meanwhile the decode sweep's variants
 #      are compiled beside it at low CPU priority (they need no GPU);
 #   2. bench/gpu_decode_sweep.sh's test + timing of each variant, within SWEEP_BUDGET_S
-#      (default 190 s).
+#      (default 175 s).
 # From the repository root:  bash bench/gpu_lease.sh   (device call: timeout_s 600; the third
 # lease ran it with 320 + 240 s in 528 s, and its calm stage did not fit in the 40 s left)
 # Back in $OUT (or /tmp/calm_fast_lease), within a device call's 8-file limit:
@@ -19,11 +19,11 @@ mkdir -p "$WORK/check" "$WORK/sweep" "$DEST"
 
 OUT="$WORK/sweep" SWEEP_PHASE=build nice -n 19 bash bench/gpu_decode_sweep.sh >"$WORK/sweep/build_stdout.log" 2>&1 &
 BUILDS=$!
-OUT="$WORK/check" GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-380} bash bench/gpu_check.sh
+OUT="$WORK/check" GPU_CHECK_BUDGET_S=${GPU_CHECK_BUDGET_S:-400} bash bench/gpu_check.sh
 CHECK_RC=$?
 wait "$BUILDS"
 echo "=== decode sweep builds: $(cat "$WORK/sweep/build.log" 2>/dev/null | grep -c '^---') variants"
-OUT="$WORK/sweep" SWEEP_PHASE=run SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-190} bash bench/gpu_decode_sweep.sh
+OUT="$WORK/sweep" SWEEP_PHASE=run SWEEP_BUDGET_S=${SWEEP_BUDGET_S:-175} bash bench/gpu_decode_sweep.sh
 SWEEP_RC=$?
 
 cp "$WORK/check/summary.txt" "$DEST/check_summary.txt" 2>/dev/null
