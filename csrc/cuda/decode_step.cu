@@ -295,13 +295,6 @@ struct Item {
       : b(it / (H * nch)), h((it / nch) % H), j0((it % nch) * chunk), j1(min(n, j0 + chunk)) {}
 };
 
-template <typename T> __device__ const T* k_head(const DecodeParams& p, const Item& w) {
-  return static_cast<const T*>(p.kc) + w.b * p.skc[0] + w.h * p.skc[1];
-}
-template <typename T> __device__ const T* v_head(const DecodeParams& p, const Item& w) {
-  return static_cast<const T*>(p.vc) + w.b * p.svc[0] + w.h * p.svc[1];
-}
-
 // Scores the pass's rows j + u * groups (< j1) against q and adds the kept ones to sm.
 template <typename T, class Rows, int E>
 __device__ __forceinline__ void attend_pass(const DecodeParams& p, const Rows& rows, const CachePass<T, Rows>& pass,
@@ -336,8 +329,8 @@ __device__ void attend_chunk(const DecodeParams& p, const Rows& rows, const floa
   float qr[E];
 #pragma unroll
   for (int t = 0; t < E; ++t) qr[t] = rows.valid(li, t) ? __ldcg(qh + rows.dim(li, t)) : 0.f;
-  const T* kb = k_head<T>(p, w);
-  const T* vb = v_head<T>(p, w);
+  const T* kb = static_cast<const T*>(p.kc) + w.b * p.skc[0] + w.h * p.skc[1];
+  const T* vb = static_cast<const T*>(p.vc) + w.b * p.svc[0] + w.h * p.svc[1];
   Softmax<E> sm;
   for (int64_t j = w.j0 + g; j - g < w.j1; j += step) {  // uniform trip count
     CachePass<T, Rows> pass;
