@@ -176,6 +176,14 @@ def test_auto_head_group_sizes():
             assert last >= g - groups + 1, (n_blk, n_bh, g)   # near-equal groups, no stub at the end
 
 
+def test_head_group_setting_is_clamped_to_the_heads(monkeypatch):
+    # On the GPU, GROUP * blocks must stay within int32: a group above the head count is cut.
+    monkeypatch.setenv("CALM_FAST_TRITON_HEAD_GROUP", "2000000000")
+    assert tx._head_group(True, 64, 32, torch.device("cpu")) == 32
+    monkeypatch.setenv("CALM_FAST_TRITON_HEAD_GROUP", "3")
+    assert tx._head_group(False, 64, 32, torch.device("cpu")) == 3
+
+
 @interp_only
 @pytest.mark.parametrize("value", ["0", "-2", "two", ""])
 def test_head_group_setting_is_checked(monkeypatch, value):
