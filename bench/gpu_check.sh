@@ -8,7 +8,7 @@
 #   prefill bridge vs eager vs SDPA, decode step B=1/4 D_B=4096 2048 cached rows, causal
 #   attention d=128 vs SDPA) -> bench_attn (Triton vs SDPA flash, fwd/bwd) -> onnx (ORT CUDA EP
 #   vs eager and torch.compile, only when an onnxruntime with CUDA is installed, see below) ->
-#   test_triton (GPU attention + non-finite decode tests of tests/test_triton_ops.py) -> profile (ncu on one
+#   test_triton (GPU attention, non-finite and padded-key tests of tests/test_triton_ops.py) -> profile (ncu on one
 #   decode-step launch, bench/gpu_decode_once.py) -> profile_attn (ncu on one causal Triton
 #   forward launch, bench/gpu_attn_once.py) -> calm (bench/gpu_calm_check.py)
 #   -> summary. Stages run in that order of importance; each one's timeout is cut to the time
@@ -106,7 +106,7 @@ fi
 
 # The attention kernels' GPU tests (the file's interpreter tests run in CI; its GPU decode,
 # opcheck and inductor tests are left to a longer lease); junit skipped to stay within 8 files.
-run_stage test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -k "attention_gpu or gpu_nonfinite"
+run_stage test_triton 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_ops.py -k "attention_gpu or gpu_nonfinite or nonfinite_keys_gpu"
 
 # ---- where the decode kernel's time goes: Nsight Compute on one launch (clocks left alone)
 if (( BUILD_OK )) && command -v ncu >/dev/null; then

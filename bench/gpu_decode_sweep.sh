@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tuning sweep for the one-launch CUDA decode step, in one device call: builds _C_cuda once
 # per setting of its knobs (the CF_DECODE_* macros at the top of csrc/cuda/decode_step.cu),
-# then for each build, in turn: swaps it into calm_fast/, runs the decode tests of
+# then for each build, in turn: swaps it into calm_fast/, runs the decode and padded-key tests of
 # tests/test_cuda_ops.py, and times it with bench/bench_bridge.py (bf16, --quick --only decode:
 # B = 1 and 4, D_B 4096, 2048 cached rows, graph-replayed beside cuBLAS + SDPA). The original
 # module is put back at the end. From the repository root, after a build of the tree
@@ -79,7 +79,7 @@ for v in $VARIANTS; do
   fi
   cp "$built" "$SO.tmp" && mv "$SO.tmp" "$SO"
   log "=== $name ($flags): $(md5sum "$SO" | cut -c1-12)"
-  timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k decode 2>&1 | tail -3 | tee -a "$LOG"
+  timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "decode or padded" 2>&1 | tail -3 | tee -a "$LOG"
   t=${PIPESTATUS[0]}
   case $t in 0) tests=pass ;; 5) tests=none ;; *) tests=FAIL ;; esac  # 5: nothing ran (no GPU)
   timeout 150 "$PY" bench/bench_bridge.py --device cuda --dtype bfloat16 --quick --only decode \

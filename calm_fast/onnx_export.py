@@ -93,6 +93,11 @@ def _mha_translation():
 def _attend(q, k, v, allowed, impl: str):
     """Multi-head attention with ops/reference.py semantics, heads split (B, H, T, d) in and
     merged (B, Tq, D) out."""
+    # Keys no row may see (padding) become zeros: their weight is 0, but 0 * inf/NaN is NaN, and
+    # another stack's hidden states at its padded positions may hold anything.
+    seen = allowed.any(dim=2).unsqueeze(-1)  # (B, 1, Tk, 1)
+    zero = torch.zeros((), dtype=k.dtype)
+    k, v = torch.where(seen, k, zero), torch.where(seen, v, zero)
     if impl == "standard":
         out = _attend_standard(q, k, v, allowed)
         b, h, t, d = out.shape

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from calm_fast.ops import reference as ref
+from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
@@ -161,3 +162,11 @@ def test_bad_inputs_on_cuda():
     with pytest.raises(ValueError, match="key_padding_mask is on cpu"):
         native.cross_attention(q, q, q, "aligned", torch.ones(1, 4, dtype=torch.bool))
     assert native.supports(DEV, torch.bfloat16) and not native.supports(DEV, torch.float64)
+
+
+# d = 64 in bf16 takes the tensor-core kernel, d = 16 the generic one.
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 64)])
+def test_padded_nonfinite_keys_are_ignored(dtype, head_dim):
+    check_padded_keys_are_ignored(native.cross_attention, "cuda", dtype, head_dim=head_dim)
+    check_decode_padded_rows_are_ignored(
+        lambda h_b, *rest: native.bridge_decode_step(h_b, None, *rest), "cuda", dtype)

@@ -12,9 +12,10 @@ Oracle, per output row:
     output lies between the min and the max of the values the row may see.
   * the reference NaN     -> the backend NaN (NaN in -> NaN out, never silently dropped).
   * never a crash: any exception is a failure.
-Non-finite values are only injected where the mask lets every row see them (a query row, or
-a key every row may attend to); masked-out non-finite values are a separate, known issue
-(test_masked_nonfinite_values_do_not_leak, xfail).
+Non-finite values are injected where the mask lets every row see them (a query row, or a key
+every row may attend to), and, in half the cases, into every padded key or cache row (NaN,
+inf, -inf): no row may see those, so they must change nothing. A non-finite value at a key in
+the future of some rows is a separate, known issue (test_future_nonfinite_values_do_not_leak).
 
 Scale: CALM_FUZZ_DTYPES (comma list of torch dtype names), CALM_FUZZ_EXAMPLES (default 60 per test in CI; scripts/fuzz_kernels.py runs more),
 CALM_FUZZ_BACKENDS (comma list, default: every backend available on CPU except triton),
@@ -34,6 +35,7 @@ from hypothesis import strategies as st
 
 from calm_fast import ops
 from calm_fast.ops import reference as R
+from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
 
 torch.set_num_threads(1)
 
@@ -90,6 +92,14 @@ def _layout(x: torch.Tensor, how: str) -> torch.Tensor:
     raise AssertionError(how)
 
 
+def _fill_padded_rows(kpm: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Every padded key/cache row of k and v (B, H, T, d) set to NaN, inf or -inf, in turn."""
+    vals = (float("nan"), float("inf"), float("-inf"))
+    for i, (b, j) in enumerate(torch.nonzero(~kpm).tolist()):
+        k[b, :, j] = vals[i % 3]
+        v[b, :, j] = vals[(i + 1) % 3]
+
+
 def _broadcast(x: torch.Tensor) -> torch.Tensor:
     """x with stride 0 on batch and heads (every (b, h) slice the same row block)."""
     return x[:1, :1].expand_as(x)
@@ -111,10 +121,11 @@ def attention_case(draw):
     v_scale = draw(st.sampled_from([1.0, 1.0, 1e-30, 1e30]))
     special = draw(st.sampled_from(["none", "none", "none", "nan_q", "inf_q", "ninf_q", "nan_k",
                                     "inf_k", "nan_v", "inf_v", "ninf_v"]))
+    pad_garbage = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dict(dtype=dtype, b=b, h=h, d=d, mask=mask, tq=tq, tk=tk, kpm_kind=kpm_kind,
                 layouts=layouts, broadcast_kv=broadcast_kv, qk_scale=qk_scale, v_scale=v_scale,
-                special=special, seed=seed)
+                special=special, pad_garbage=pad_garbage, seed=seed)
 
 
 def _build_attention(c):
@@ -149,6 +160,8 @@ def _build_attention(c):
     elif sp != "none" and visible:
         j = visible[int(torch.randint(0, len(visible), (), generator=g))]
         (k if sp.endswith("_k") else v)[0, 0, j, 0] = val
+    if c["pad_garbage"] and kpm is not None:
+        _fill_padded_rows(kpm, k, v)
     if c["broadcast_kv"]:
         k, v = _broadcast(k), _broadcast(v)
     else:
@@ -299,7 +312,7 @@ def decode_case(draw):
         kpm_strided=draw(st.booleans()), weights_transposed=draw(st.booleans()), cache_slice=draw(st.booleans()),
         scale=draw(st.sampled_from([1.0, 1.0, 1e-30, 1e3])),
         special=draw(st.sampled_from(["none", "none", "nan_hb", "inf_hb", "nan_ha", "nan_cache"])),
-        seed=draw(st.integers(0, 2**31 - 1)))
+        pad_garbage=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def _build_decode(c):
@@ -341,6 +354,8 @@ def _build_decode(c):
         h_a[0, 0, 0] = float("nan")
     elif sp == "nan_cache" and pos > 0 and (kpm is None or bool(kpm[:, 0].all())):
         k_cache[0, 0, 0, 0] = float("nan")  # row 0: seen by every query
+    if c["pad_garbage"] and kpm is not None:
+        _fill_padded_rows(kpm, k_cache, v_cache)
     return h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, kpm
 
 
@@ -472,19 +487,35 @@ def test_c_api_rejects_null_negative_and_overflowing_sizes():
     _count("c_api/rejected_calls", len(bad) + len(dbad) + 2)
 
 
-# --------------------------------------------------------------- a known, reported issue
+# ------------------------------------------------- non-finite values at keys a row may not see
 
-@pytest.mark.xfail(strict=True, reason="bug: masked-out keys with non-finite values leak NaN into "
-                   "rows that cannot see them (ops/reference.py cross_attention: probs @ v with "
-                   "probs=0 and v=inf gives NaN; the cpp kernel does the same)")
-def test_masked_nonfinite_values_do_not_leak():
+# Regression test (was the strict xfail test_masked_nonfinite_values_do_not_leak): the reference
+# and sdpa backends multiplied a padded key's weight 0 by its inf/NaN value.
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+def test_padded_nonfinite_keys_do_not_leak(backend):
+    check_padded_keys_are_ignored(
+        lambda q, k, v, mask, kpm: ops.cross_attention(q, k, v, mask, kpm, backend), "cpu")
+    check_decode_padded_rows_are_ignored(
+        lambda h_b, *rest: ops.bridge_decode_step(h_b, None, *rest, backend=backend), "cpu")
+
+
+# Known issue, kept visible: under the aligned mask a key in the future of some rows sits in a
+# dense P @ V (the reference's matmul, torch SDPA's kernels, the Triton and CUDA tiles on the
+# diagonal) with weight 0 for those rows, and 0 * inf is NaN. Only the cpp kernel, which stops
+# each row at its last visible key, keeps those rows finite. Padding does not have the issue
+# (padded keys are zeroed, test above). Fixing the dense paths costs extra work in every
+# diagonal tile and a second product in the reference; not done yet.
+_DENSE = pytest.mark.xfail(strict=True, reason="dense P @ V multiplies 0 by a future key's inf/NaN")
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=() if b == "cpp" else _DENSE)
+                                     for b in ops.available_backends("cpu")])
+def test_future_nonfinite_values_do_not_leak(backend):
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
-    v[0, 0, 4, 0] = float("inf")  # the last key: padded, and in the future of rows 0 and 1
-    kpm = torch.tensor([[True, True, True, True, False]])
-    for be in ops.available_backends("cpu"):
-        assert ops.cross_attention(q, k, v, "context", kpm, be).isfinite().all(), be
-        assert ops.cross_attention(q, k, v, "aligned", None, be)[:, :, :2].isfinite().all(), be
+    v[0, 0, 4, 0] = float("inf")  # the last key: in the future of rows 0 and 1
+    out = ops.cross_attention(q, k, v, "aligned", None, backend)
+    assert out[:, :, :2].isfinite().all() and out[:, :, 2, 0].isinf().all()
 
 
 # Regression test: found by this fuzz, fixed (was xfail).

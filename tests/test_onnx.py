@@ -206,6 +206,11 @@ def test_single_bridge_graph(tmp_path, mode, attention):
     hidden, pk, pv = sess.run(None, feeds)
     np.testing.assert_allclose(hidden, want, atol=TOL, rtol=0)
     assert pk.shape == (b, 4, tk, 8)
+    # Another stack's states at its padded positions may hold anything: they change nothing.
+    h_a_bad = h_a.clone()
+    h_a_bad[0, 0], h_a_bad[0, 1] = float("nan"), float("inf")
+    hidden_bad, _, _ = sess.run(None, dict(feeds, hidden_augment=h_a_bad.numpy()))
+    np.testing.assert_array_equal(hidden_bad, hidden)
     if mode == "aligned":  # incremental: 5 rows, then 2 more with the cache = all 7 at once
         first = dict(feeds, hidden_anchor=h_b[:, :5].numpy(), hidden_augment=h_a[:, :5].numpy(),
                      key_mask=kmask[:, :5].long().numpy())

@@ -47,6 +47,7 @@ except ImportError as exc:  # triton itself missing
 
 from calm_fast import ops  # noqa: E402
 from calm_fast.ops import reference as ref  # noqa: E402
+from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored  # noqa: E402
 
 INTERP = tx._interpreter_active()
 interp_only = pytest.mark.skipif(
@@ -232,6 +233,12 @@ def check_nonfinite_rows(device):
 @interp_only
 def test_attention_nonfinite_rows_interpreter():
     check_nonfinite_rows("cpu")
+
+
+@interp_only
+def test_padded_nonfinite_keys_interpreter():
+    check_padded_keys_are_ignored(tx.cross_attention, "cpu")
+    check_decode_padded_rows_are_ignored(lambda h_b, *rest: tx.bridge_decode_step(h_b, None, *rest), "cpu")
 
 
 @interp_only
@@ -480,6 +487,14 @@ def test_attention_gpu_nonfinite_rows(no_autotune):
 @gpu_only
 def test_decode_step_gpu_nonfinite(no_autotune):
     check_decode_nonfinite("cuda")
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_nonfinite_keys_gpu(no_autotune, dtype):
+    check_padded_keys_are_ignored(tx.cross_attention, "cuda", dtype)
+    check_decode_padded_rows_are_ignored(lambda h_b, *rest: tx.bridge_decode_step(h_b, None, *rest),
+                                         "cuda", dtype)
 
 
 @gpu_only

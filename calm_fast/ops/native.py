@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from .reference import attention_mask, zero_padded_keys
+
 try:
     from calm_fast import _C
 except ImportError:  # not built
@@ -233,20 +235,14 @@ def native_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @native_attn_bwd.register_kernel("cuda")
 def _attn_bwd_cuda(q, k, v, key_padding_mask, mask, out, dout, lse):
     # No CUDA backward kernel: the flash backward's math in PyTorch, recomputing P from lse.
+    k, v = zero_padded_keys(k, v, key_padding_mask)  # a padded inf/NaN must not reach dq
     qf, kf, vf, of, gf = (t.float() for t in (q, k, v, out, dout))
     scale = 1.0 / math.sqrt(q.shape[-1])
-    tq, tk = q.shape[2], k.shape[2]
-    allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device)[None, None]
-    if mask == "aligned":
-        i = torch.arange(tq, device=q.device)[:, None]
-        j = torch.arange(tk, device=q.device)[None, :]
-        allowed = (j <= i + (tk - tq))[None, None]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
+    allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
     lse_f = lse.float()[..., None]
     finite = torch.isfinite(lse_f)
     p = torch.exp((qf @ kf.transpose(-1, -2)) * scale - torch.where(finite, lse_f, 0.0))
-    p = torch.where(allowed & finite, p, 0.0)
+    p = torch.where(finite if allowed is None else allowed & finite, p, 0.0)
     dv = p.transpose(-1, -2) @ gf
     delta = (gf * of).sum(-1, keepdim=True)
     ds = p * (gf @ vf.transpose(-1, -2) - delta)

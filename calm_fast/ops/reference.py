@@ -9,6 +9,8 @@ Masks:
              positions of the same text the keys cover, so a one-token decode query sees
              the whole cache, and a full-length query is plain causal.
   "context": every query sees every (unpadded) key.
+Padded keys are never seen, whatever they hold: an inf/NaN in a padded key or value changes
+no output and no gradient.
 A query row that sees no key at all (left padding) outputs exactly zero, not NaN, and
 passes no gradient.
 """
@@ -41,6 +43,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
     out_dtype = q.dtype
     if k.shape[2] == 0:  # no key at all: every row is empty, so the output is zero
         return q.new_zeros(q.shape[:-1] + v.shape[-1:])
+    k, v = zero_padded_keys(k, v, key_padding_mask)
     qf, kf, vf = q.float(), k.float(), v.float()
     scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
@@ -54,6 +57,17 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(~allowed, 0.0)
     out = probs @ vf
     return out.to(out_dtype)
+
+
+def zero_padded_keys(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v with the padded keys' rows set to 0. No row sees a padded key, yet a dense
+    probs @ v would multiply its weight 0 by its value, and 0 * inf/NaN is NaN in every row;
+    zeros make padding exact whatever a padded row holds (also their gradients: 0)."""
+    if key_padding_mask is None:
+        return k, v
+    keep = key_padding_mask[:, None, :, None]
+    return k.masked_fill(~keep, 0), v.masked_fill(~keep, 0)
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:

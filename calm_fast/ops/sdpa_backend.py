@@ -8,7 +8,7 @@ the reference does (a NaN query can give a finite row), so it is for finite inpu
 import torch
 import torch.nn.functional as F
 
-from .reference import attention_mask, decode_step_with
+from .reference import attention_mask, decode_step_with, zero_padded_keys
 
 
 def supports(device, dtype) -> bool:
@@ -26,6 +26,7 @@ def cross_attention(q, k, v, mask, key_padding_mask):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         # Aligned with Tk > Tq (queries are the newest positions): no row is empty.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(tq, tk, mask, None, q.device))
+    k, v = zero_padded_keys(k, v, key_padding_mask)  # padded inf/NaN must not reach any row
     allowed = attention_mask(tq, tk, mask, key_padding_mask, q.device)
     empty = ~allowed.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty)

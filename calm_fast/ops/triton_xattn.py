@@ -76,6 +76,19 @@ def _load_rows(ptrs, rows, n_rows, offs_d, D, CHECK_ROWS: tl.constexpr, PAD_D: t
 
 
 @triton.jit
+def _load_kept_rows(ptrs, rows, n_rows, keep, offs_d, D, PAD_D: tl.constexpr):
+    """_load_rows for key tiles under a key padding mask: padded rows load as 0. No query sees
+    a padded key, but a dot product still multiplies its 0 weight by its value, and 0 * inf/NaN
+    is NaN in every row."""
+    ok = (rows < n_rows) & keep
+    if PAD_D:
+        x = tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    else:
+        x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    return x
+
+
+@triton.jit
 def _program_order(pid, n_blk, GROUP):
     """Program `pid` of a 1-D grid of n_blk blocks times the batch's heads -> (rank, bh).
 
@@ -128,8 +141,11 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, of
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
-                       MASKED, PAD_D)
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
+        if HAS_KPM:
+            v = _load_kept_rows(v_ptrs, offs_n, Tk, keep, offs_d, D, PAD_D)
+        else:
+            v = _load_rows(v_ptrs, offs_n, Tk, offs_d, D, MASKED, PAD_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
@@ -316,10 +332,15 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, 
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
-                       MASKED, PAD_D)
-        v = _load_rows(v_base + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
-                       MASKED, PAD_D)
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
+        if HAS_KPM:  # padded keys load as 0 (see _load_kept_rows): dp and ds * k stay finite
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Tk, other=0) != 0
+            k = _load_kept_rows(k_ptrs, offs_n, Tk, keep, offs_d, D, PAD_D)
+            v = _load_kept_rows(v_ptrs, offs_n, Tk, keep, offs_d, D, PAD_D)
+        else:
+            k = _load_rows(k_ptrs, offs_n, Tk, offs_d, D, MASKED, PAD_D)
+            v = _load_rows(v_ptrs, offs_n, Tk, offs_d, D, MASKED, PAD_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
@@ -328,7 +349,6 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, 
                 allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             p = tl.where(allowed, p, 0.0)
         if HAS_KPM:
-            keep = tl.load(kpm_base + offs_n, mask=offs_n < Tk, other=0) != 0
             p = tl.where(keep[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
