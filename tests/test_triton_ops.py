@@ -490,11 +490,11 @@ def test_decode_step_gpu_nonfinite(no_autotune):
 
 
 @gpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_nonfinite_keys_gpu(no_autotune, dtype):
-    check_padded_keys_are_ignored(tx.cross_attention, "cuda", dtype)
+def test_padded_nonfinite_keys_gpu(no_autotune):
+    # bf16 only: fp32 would add compiles (see GPU_ATTN_CASES) for the same masking code.
+    check_padded_keys_are_ignored(tx.cross_attention, "cuda", torch.bfloat16)
     check_decode_padded_rows_are_ignored(lambda h_b, *rest: tx.bridge_decode_step(h_b, None, *rest),
-                                         "cuda", dtype)
+                                         "cuda", torch.bfloat16)
 
 
 @gpu_only
