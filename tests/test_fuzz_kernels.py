@@ -59,6 +59,11 @@ def _count(key: str, n: int = 1) -> None:
     COUNTS[key] = COUNTS.get(key, 0) + n
 
 
+def _count_padded_garbage(prefix: str, c: dict, kpm) -> None:
+    if c["pad_garbage"] and kpm is not None and not bool(kpm.all()):
+        _count(f"{prefix}/padded_nonfinite")
+
+
 def _write_report() -> None:
     path = os.environ.get("CALM_FUZZ_REPORT")
     if path:
@@ -161,7 +166,8 @@ def _build_attention(c):
         j = visible[int(torch.randint(0, len(visible), (), generator=g))]
         (k if sp.endswith("_k") else v)[0, 0, j, 0] = val
     if c["pad_garbage"] and kpm is not None:
-        _fill_padded_rows(kpm, k, v)
+        # Broadcast K/V give every batch batch 0's rows: fill only keys no batch keeps.
+        _fill_padded_rows(kpm.any(0, keepdim=True).expand_as(kpm) if c["broadcast_kv"] else kpm, k, v)
     if c["broadcast_kv"]:
         k, v = _broadcast(k), _broadcast(v)
     else:
@@ -260,6 +266,7 @@ def test_cross_attention_matches_reference(backend, c):
         _count(f"attention/{backend}/empty_rows")
     _count(f"attention/{backend}/cases")
     _count(f"attention/{backend}/special_{c['special']}")
+    _count_padded_garbage(f"attention/{backend}", c, kpm)
 
 
 @st.composite
@@ -294,10 +301,14 @@ def test_cross_attention_gradients_match_reference(backend, c):
     # The reference runs in fp32. A gradient can be exactly 0 in theory (one visible key:
     # dq = 0) and a rounding residue in practice, so an absolute slack on the scale of
     # |dout| * |q, k, v| comes on top of the relative tolerance.
-    scale = float(dout.double().norm() * max(float(t.double().norm()) for t in (q, k, v)))
+    # Norms over the finite entries: padded keys may hold inf/NaN (pad_garbage).
+    scale = float(dout.double().norm() * max(float(t.double().nan_to_num(0.0, 0.0, 0.0).norm())
+                                             for t in (q, k, v)))
+    assert math.isfinite(scale)
     for name, r, o in zip("qkv", *grads):
         _compare(o, r, torch.float32, f"{backend} d{name} {c}", atol=1e-5 * scale)
     _count(f"attention_backward/{backend}/cases")
+    _count_padded_garbage(f"attention_backward/{backend}", c, kpm)
 
 
 # ----------------------------------------------------------------------------- decode step
@@ -391,6 +402,7 @@ def test_decode_step_matches_reference(backend, c):
     _compare(vb, vr, tol_dtype, f"{backend} v_cache {c}")
     _count(f"decode/{backend}/cases")
     _count(f"decode/{backend}/special_{c['special']}")
+    _count_padded_garbage(f"decode/{backend}", c, kpm)
 
 
 # ----------------------------------------------------------------- the C API, through _C

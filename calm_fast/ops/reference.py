@@ -39,12 +39,14 @@ def attention_mask(tq: int, tk: int, mask: str, key_padding_mask: torch.Tensor |
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "aligned",
                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v, computed in fp32, returned in q's dtype."""
+    """softmax(q k^T / sqrt(d) + mask) v, computed in fp32 (fp64 for fp64 inputs), returned
+    in q's dtype."""
     out_dtype = q.dtype
     if k.shape[2] == 0:  # no key at all: every row is empty, so the output is zero
         return q.new_zeros(q.shape[:-1] + v.shape[-1:])
     k, v = zero_padded_keys(k, v, key_padding_mask)
-    qf, kf, vf = q.float(), k.float(), v.float()
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp64 stays fp64: no weight underflows early
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     scores = (qf @ kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
     if allowed is not None:
