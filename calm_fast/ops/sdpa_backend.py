@@ -4,7 +4,8 @@ reference's semantics. Exact where it differs from plain SDPA: rows the mask lea
 also zeroes their gradient.
 
 Opt-in, not picked by "auto": torch's fused CPU kernel does not propagate NaN/inf inputs the way
-the reference does (a NaN query can give a finite row), so it is for finite inputs only."""
+the reference does (a NaN query can give a finite row), so it is for finite inputs only; padded
+keys may hold anything (they are zeroed before SDPA, as in the reference)."""
 import torch
 import torch.nn.functional as F
 
