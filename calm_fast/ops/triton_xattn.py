@@ -89,6 +89,22 @@ def _load_kept_rows(ptrs, rows, n_rows, keep, offs_d, D, PAD_D: tl.constexpr):
 
 
 @triton.jit
+def _key_blocks(m0, Tk, causal_off, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key range of the query block starting at row m0: [0, full_end) needs no mask,
+    [full_end, hi) is masked. Under the causal mask, key blocks at or below every row's
+    diagonal need no mask and keys past the last row's diagonal are skipped outright (the
+    saving over a dense mask)."""
+    if CAUSAL:
+        full_end = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(Tk, m0 + BLOCK_M + causal_off)
+    else:
+        full_end = (Tk // BLOCK_N) * BLOCK_N
+        hi = Tk
+    return full_end, hi
+
+
+@triton.jit
 def _program_order(pid, n_blk, GROUP):
     """Program `pid` of a 1-D grid of n_blk blocks times the batch's heads -> (rank, bh).
 
@@ -189,14 +205,7 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
         seen = (offs_m + causal_off >= 0) & (Tk > 0)
     else:
         seen = (offs_m >= 0) & (Tk > 0)
-    if CAUSAL:
-        # Key blocks entirely at or below every row's diagonal need no mask; blocks past the
-        # last row's diagonal are skipped outright (the saving over a dense mask).
-        full_end = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(Tk, m0 + BLOCK_M + causal_off)
-    else:
-        full_end = (Tk // BLOCK_N) * BLOCK_N
-        hi = Tk
+    full_end, hi = _key_blocks(m0, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m,
                                           offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off,
                                           qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
@@ -387,12 +396,7 @@ def _attn_bwd_dq(Q, K, V, DO, KPM, LSE, DELTA, DQ,
     kpm_base = KPM + b * skpm
 
     causal_off = Tk - Tq
-    if CAUSAL:
-        full_end = ((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(Tk, m0 + BLOCK_M + causal_off)
-    else:
-        full_end = (Tk // BLOCK_N) * BLOCK_N
-        hi = Tk
+    full_end, hi = _key_blocks(m0, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m,
                             offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off, qk_scale,
                             False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
@@ -616,9 +620,11 @@ def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
         return cands[-1]
     if elt == 4 or head_dim <= 64:
         return cands[0]
-    if name == "_attn_fwd":   # 8 warps halve the per-thread accumulator at head dim >= 128
-        return next((c for c in cands if c.num_warps == 8), cands[0])
-    return cands[0]
+    # Head dim 128: 8 warps halve the per-thread accumulators. In the backward pools the first
+    # 8-warp candidate is what the autotuner chose on an H100 at T = 4096 and 8192 (lease 3,
+    # bench/RESULTS.md); compiled for sm_90 the 4-warp firsts spill (dk/dv 1.4-2.2 KB, dq
+    # ~0.2 KB: bench/triton_sm90_compile.py).
+    return next((c for c in cands if c.num_warps == 8), cands[0])
 
 
 _TUNED = {name: triton.autotune(pool, key=_KEYS, prune_configs_by={"early_config_prune": _pruner(name)})(
