@@ -132,8 +132,12 @@ def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch
     except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: not a calm_fast training checkpoint (metadata: {e!r})") from None
     if names != list(params):
-        raise ValueError(f"{path}: checkpoint holds parameters {names[:3]}... that do not match this run's "
-                         f"{list(params)[:3]}...")
+        missing = [n for n in params if n not in names]
+        unexpected = [n for n in names if n not in params]
+        what = (f"missing {missing[:4]}" if missing else "") + (", " if missing and unexpected else "") + \
+            (f"unexpected {unexpected[:4]}" if unexpected else "") or "the same names in another order"
+        raise ValueError(f"{path}: checkpoint's parameters do not match this run's ({what}): it was "
+                         f"saved by another configuration; resume with that one or use a new output directory")
     expected = {f"param.{n}": p for n, p in params.items()}
     for key, t in tensors.items():
         if key.startswith("opt."):

@@ -314,3 +314,18 @@ def test_training_checkpoint_bad_tensors_name_file_and_tensor(tmp_path, edit):
     match = r"state\.safetensors.*(param\.w|metadata)"
     with pytest.raises(ValueError, match=match):
         train.load_checkpoint(tmp_path, params, train.make_optimizer(params, cfg))
+
+
+def test_training_checkpoint_of_another_configuration_names_the_difference(tmp_path):
+    # A run directory left by another configuration (here: one parameter more or less) must say
+    # which parameters differ, not print two lists whose first entries are equal.
+    params, cfg = _train_state(tmp_path)
+    fewer = {"w": params["w"]}
+    with pytest.raises(ValueError, match=r"state\.safetensors.*unexpected \['b'\].*another configuration"):
+        train.load_checkpoint(tmp_path, fewer, train.make_optimizer(fewer, cfg))
+    more = {**params, "extra": torch.nn.Parameter(torch.zeros(2))}
+    with pytest.raises(ValueError, match=r"missing \['extra'\]"):
+        train.load_checkpoint(tmp_path, more, train.make_optimizer(more, cfg))
+    swapped = {"b": params["b"], "w": params["w"]}
+    with pytest.raises(ValueError, match="another order"):
+        train.load_checkpoint(tmp_path, swapped, train.make_optimizer(swapped, cfg))
