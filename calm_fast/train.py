@@ -134,8 +134,8 @@ def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch
     if names != list(params):
         missing = [n for n in params if n not in names]
         unexpected = [n for n in names if n not in params]
-        what = (f"missing {missing[:4]}" if missing else "") + (", " if missing and unexpected else "") + \
-            (f"unexpected {unexpected[:4]}" if unexpected else "") or "the same names in another order"
+        parts = [f"{label} {ns[:4]}" for label, ns in (("missing", missing), ("unexpected", unexpected)) if ns]
+        what = ", ".join(parts) or "the same names in another order"
         raise ValueError(f"{path}: checkpoint's parameters do not match this run's ({what}): it was "
                          f"saved by another configuration; resume with that one or use a new output directory")
     expected = {f"param.{n}": p for n, p in params.items()}

@@ -11,7 +11,7 @@ from calm_fast.ops import reference as ref
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
 
-def _padded_inputs(dtype, device, head_dim=16):
+def padded_inputs(dtype, device, head_dim=16):
     """q (2, 2, 67, d), k/v (2, 2, 70, d) with finite values at padded keys, and the mask.
     70 keys: two key tiles of 64 with a remainder; batch 0 is left-padded over keys 0-3, so
     in aligned mode (offset 3) its row 0 sees no key at all."""
@@ -25,21 +25,21 @@ def _padded_inputs(dtype, device, head_dim=16):
     return [t.to(device=device, dtype=dtype) for t in (q, k, v)] + [kpm.to(device)]
 
 
-def _fill_padded(x, kpm, value_of):
-    """x (B, H, T, d) with every padded row filled; value_of(i) gives the i-th padded row's value."""
-    x = x.clone()
+def fill_padded(kpm, k, v):
+    """Copies of k, v (B, H, T, d) whose padded rows (kpm False) hold NaN, inf or -inf, in turn."""
+    k, v = k.clone(), v.clone()
     for i, (b, j) in enumerate(torch.nonzero(~kpm.cpu()).tolist()):
-        x[b, :, j] = value_of(i)
-    return x
+        k[b, :, j] = NONFINITE[i % 3]
+        v[b, :, j] = NONFINITE[(i + 1) % 3]
+    return k, v
 
 
 def check_padded_keys_are_ignored(attend, device, dtype=torch.float32, grads=True, head_dim=16):
     """attend(q, k, v, mask, key_padding_mask) -> out. Padded keys filled with NaN, inf or -inf
     (K and V, cycling) give exactly the output and gradients of padded keys holding finite
     values; the padded keys' gradients are 0."""
-    q, k, v, kpm = _padded_inputs(dtype, device, head_dim)
-    bad_k = _fill_padded(k, kpm, lambda i: NONFINITE[i % 3])
-    bad_v = _fill_padded(v, kpm, lambda i: NONFINITE[(i + 1) % 3])
+    q, k, v, kpm = padded_inputs(dtype, device, head_dim)
+    bad_k, bad_v = fill_padded(kpm, k, v)
     for mask in ("aligned", "context"):
         results = []
         for kk, vv in ((k, v), (bad_k, bad_v)):
@@ -76,8 +76,7 @@ def check_decode_padded_rows_are_ignored(step, device, dtype=torch.float32):
     kpm[0, 20] = False
     kpm[1, 36] = False
     outs = []
-    for kk, vv in ((k, v), (_fill_padded(k, kpm, lambda i: NONFINITE[i % 3]),
-                            _fill_padded(v, kpm, lambda i: NONFINITE[(i + 1) % 3]))):
+    for kk, vv in ((k, v), fill_padded(kpm, k, v)):
         args = [t.to(device=device, dtype=dtype) for t in (h_b, w_q, w_kv, b_kv, w_o, kk, vv)]
         outs.append(step(*args, s, h, kpm.to(device)))
     assert outs[0].isfinite().all()

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from calm_fast import ops
 from calm_fast.ops import reference as R
-from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
+from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored, fill_padded
 
 torch.set_num_threads(1)
 
@@ -95,14 +95,6 @@ def _layout(x: torch.Tensor, how: str) -> torch.Tensor:
         big[:, :, :x.shape[2], :x.shape[3]] = x
         return big[:, :, :x.shape[2], :x.shape[3]]
     raise AssertionError(how)
-
-
-def _fill_padded_rows(kpm: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Every padded key/cache row of k and v (B, H, T, d) set to NaN, inf or -inf, in turn."""
-    vals = (float("nan"), float("inf"), float("-inf"))
-    for i, (b, j) in enumerate(torch.nonzero(~kpm).tolist()):
-        k[b, :, j] = vals[i % 3]
-        v[b, :, j] = vals[(i + 1) % 3]
 
 
 def _broadcast(x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +159,7 @@ def _build_attention(c):
         (k if sp.endswith("_k") else v)[0, 0, j, 0] = val
     if c["pad_garbage"] and kpm is not None:
         # Broadcast K/V give every batch batch 0's rows: fill only keys no batch keeps.
-        _fill_padded_rows(kpm.any(0, keepdim=True).expand_as(kpm) if c["broadcast_kv"] else kpm, k, v)
+        k, v = fill_padded(kpm.any(0, keepdim=True).expand_as(kpm) if c["broadcast_kv"] else kpm, k, v)
     if c["broadcast_kv"]:
         k, v = _broadcast(k), _broadcast(v)
     else:
@@ -366,7 +358,7 @@ def _build_decode(c):
     elif sp == "nan_cache" and pos > 0 and (kpm is None or bool(kpm[:, 0].all())):
         k_cache[0, 0, 0, 0] = float("nan")  # row 0: seen by every query
     if c["pad_garbage"] and kpm is not None:
-        _fill_padded_rows(kpm, k_cache, v_cache)
+        k_cache, v_cache = fill_padded(kpm, k_cache, v_cache)
     return h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, kpm
 
 

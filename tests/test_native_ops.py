@@ -481,15 +481,14 @@ def test_cuda_backward_math_on_cpu_tensors():
     """The CUDA backend's backward is PyTorch math (no CUDA kernel yet; native._attn_bwd_cuda).
     Run on CPU tensors here, with P's lse from the C++ forward, so CI checks it: it matches the
     reference's gradients, and padded keys holding inf/NaN change no gradient."""
-    from padding_checks import NONFINITE, _fill_padded, _padded_inputs
-    q, k, v, kpm = _padded_inputs(torch.float32, CPU)
+    from padding_checks import fill_padded, padded_inputs
+    q, k, v, kpm = padded_inputs(torch.float32, CPU)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
     for mask in ("aligned", "context"):
         qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
         ref.cross_attention(qr, kr, vr, mask, kpm).backward(grad.double())
         grads = []
-        for kk, vv in ((k, v), (_fill_padded(k, kpm, lambda i: NONFINITE[i % 3]),
-                                _fill_padded(v, kpm, lambda i: NONFINITE[(i + 1) % 3]))):
+        for kk, vv in ((k, v), fill_padded(kpm, k, v)):
             out, lse = native.native_attn_fwd(q, kk, vv, kpm, mask)
             grads.append(native._attn_bwd_cuda(q, kk, vv, kpm, mask, out, grad, lse))
         for clean, bad, want in zip(*grads, (qr.grad, kr.grad, vr.grad)):
