@@ -20,6 +20,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+C_LIBRARY, C_HEADER = "lib/libcalm_fast.so", "include/calm_fast.h"  # inside the package
 
 
 def _find_nvcc() -> str | None:
@@ -78,6 +79,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DCALM_FAST_CUDA={'ON' if cuda else 'OFF'}",
+            "-DCALM_FAST_CAPI_LIB=ON", "-DCALM_FAST_PYTHON=ON",  # the package ships both
             f"-DCALM_FAST_SANITIZE={'ON' if os.environ.get('CALM_FAST_SANITIZE') == '1' else 'OFF'}",
             f"-DCALM_FAST_NATIVE={'ON' if os.environ.get('CALM_FAST_NATIVE') == '1' else 'OFF'}",
         ]
@@ -100,11 +102,25 @@ class CMakeBuild(build_ext):
         if len(built) != 1:
             raise RuntimeError(f"CMake did not produce exactly one {leaf} module in {out_dir}: {built}")
         dest = Path(self.get_ext_fullpath(ext.name))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Copy then rename: overwriting a loaded .so in place would crash running processes.
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(built[0], tmp)
-        os.replace(tmp, dest)
+        _place(built[0], dest)
+        if ext.name == "calm_fast._C":  # the C API for other stacks (calm_fast/capi.py finds it)
+            _place(out_dir / "libcalm_fast.so", dest.parent / C_LIBRARY)
+            _place(ROOT / "csrc" / "calm_fast.h", dest.parent / C_HEADER)
+
+    def copy_extensions_to_source(self) -> None:
+        """--inplace and editable installs: the C API files go beside the modules too."""
+        super().copy_extensions_to_source()
+        package_dir = Path(self.get_finalized_command("build_py").get_package_dir("calm_fast"))
+        for rel in (C_LIBRARY, C_HEADER):
+            _place(Path(self.build_lib) / "calm_fast" / rel, package_dir / rel)
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Copy then rename: overwriting a loaded .so in place would crash running processes."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
 
 
 extensions = [CMakeExtension("calm_fast._C")]
