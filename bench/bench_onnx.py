@@ -44,13 +44,18 @@ eo = importlib.import_module("calm_fast.onnx_export")
 from calm_fast.generate import left_pad  # noqa: E402
 
 
+def heads(dim: int) -> int:
+    """Heads of 64 channels; a model narrower than 64 gets one head."""
+    return max(1, dim // 64)
+
+
 def build_model(args) -> cf.CALM:
     torch.manual_seed(0)
     anchor = cf.Decoder(cf.DecoderConfig(arch="llama", vocab_size=args.vocab, dim=args.anchor_dim,
-                                         n_layers=args.anchor_layers, n_heads=args.anchor_dim // 64,
+                                         n_layers=args.anchor_layers, n_heads=heads(args.anchor_dim),
                                          n_kv_heads=max(1, args.anchor_dim // 128), max_seq_len=512))
     augment = cf.Decoder(cf.DecoderConfig(arch="llama", vocab_size=args.vocab, dim=args.augment_dim,
-                                          n_layers=args.augment_layers, n_heads=args.augment_dim // 64,
+                                          n_layers=args.augment_layers, n_heads=heads(args.augment_dim),
                                           max_seq_len=512))
     calm = cf.CALM(anchor, [augment], mode="aligned")
     for p in calm.trainable_parameters():
@@ -135,6 +140,11 @@ def main(argv=None):
                    help="skip torch.compile (its CPU build takes minutes per batch size on 2 cores)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    for flag in ("anchor_dim", "augment_dim"):
+        dim = getattr(args, flag)
+        if dim <= 0 or dim % heads(dim):
+            p.error(f"--{flag.replace('_', '-')} must be a positive multiple of its {heads(max(dim, 1))} heads "
+                    f"of 64 channels (or below 64), got {dim}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device")
     if args.threads:

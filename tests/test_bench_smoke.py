@@ -1,0 +1,107 @@
+"""The CPU benchmarks in bench/ run end to end at tiny sizes and write reports whose numbers
+agree with each other (every ratio is the quotient of the times it names; each throughput
+times its time is the variant's fixed work). Timings at these sizes mean nothing: this checks
+the scripts users run, not the speed (bench/RESULTS.md has the figures and their commands)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from calm_fast import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(script: str, *args, timeout: int = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "bench" / script), *map(str, args)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def test_bench_bridge_cpu_quick(tmp_path):
+    _bench("bench_bridge.py", "--device", "cpu", "--quick", "--repeats", "1", "--threads", "1",
+           "--out-dir", tmp_path)
+    report = json.loads((tmp_path / "bridge_cpu.json").read_text())
+    assert (tmp_path / "bridge_cpu.png").stat().st_size > 0
+    groups = defaultdict(dict)
+    for row in report["rows"]:
+        assert math.isfinite(row["ms"]) and row["ms"] > 0, row
+        groups[(row["phase"], row["B"], row.get("T"), row.get("D_B"))][row["variant"]] = row
+    phases = {key[0] for key in groups}
+    assert {"prefill", "decode"} <= phases, phases
+    want_cpp = "cpp" in ops.available_backends("cpu")
+    for key, rows in groups.items():
+        if want_cpp:
+            assert "cpp" in rows, (key, sorted(rows))
+        work = {name: r["tflops"] * r["ms"] for name, r in rows.items()}
+        first = next(iter(work.values()))
+        assert all(_close(w, first) for w in work.values()), (key, work)  # same FLOPs, any variant
+        if key[0] == "attention":  # the op alone: times and TFLOP/s, no ratios in the report
+            continue
+        for base in ("ref", "sdpa"):
+            assert base in rows, (key, sorted(rows))
+            for name, r in rows.items():
+                assert _close(r[f"speedup_vs_{base}"], rows[base]["ms"] / r["ms"]), (key, name, base)
+
+
+def test_bench_train_small(tmp_path):
+    out = tmp_path / "train.json"
+    variants = ["eager", "cached_states"] + (["cpp_eager"] if "cpp" in ops.available_backends("cpu") else [])
+    _bench("bench_train.py", "--small", "--repeats", "2", "--steps", "1", "--variants", ",".join(variants),
+           "--out", out)
+    report = json.loads(out.read_text())
+    assert sorted(report["step_s"]) == sorted(variants), report["notes"]
+    tokens = report["config"]["batch"] * report["config"]["seq"]
+    for name in variants:
+        step = report["step_s"][name]
+        assert len(step["values"]) == 2 and step["min"] <= step["median"] <= step["max"]
+        assert _close(report["tokens_per_s"][name], tokens / step["median"])
+        assert _close(report["speedup_vs_eager"][name], report["step_s"]["eager"]["median"] / step["median"])
+        # W_o starts at zero: every variant's first loss is the anchor's, bit for bit.
+        assert report["first_step_loss"][name] == report["first_step_loss"]["eager"]
+
+
+def test_bench_onnx_tiny_generates_the_eager_tokens(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "onnx.json"
+    _bench("bench_onnx.py", "--batches", "1", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1",
+           "--vocab", "64", "--anchor-dim", "64", "--anchor-layers", "2", "--augment-dim", "32",
+           "--augment-layers", "2", "--no-compile", "--out", out)
+    report = json.loads(out.read_text())
+    engines = {(r["engine"], r["batch"]) for r in report["results"]}
+    assert {("eager", 1), ("ort_cpu", 1), ("eager", 3), ("ort_cpu", 3)} <= engines, engines
+    for r in report["results"]:
+        assert r["decode_tokens_per_s"] > 0 and r["e2e_tokens_per_s"] > 0, r
+        if r["engine"] != "eager":
+            assert r["same_tokens_as_eager"] is True, r
+
+
+def test_bench_onnx_refuses_widths_its_heads_do_not_divide():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "bench/bench_onnx.py"), "--anchor-dim", "200"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--anchor-dim" in done.stderr and "200" in done.stderr, done.stderr
+
+
+def test_bench_decode_call_and_roofline(tmp_path):
+    text = _bench("bench_decode_call.py", "--rounds", "3", "--flush-mb", "8")
+    assert "raw _C.decode_step" in text and "eager reference" in text, text
+    out = tmp_path / "roofline.json"
+    _bench("bench_roofline.py", "--repeats", "1", "--bw-mb", "16", "--new-tokens", "4", "--step-rounds", "2",
+           "--out", out)
+    report = json.loads(out.read_text())
+    for key in ("anchor_fraction_of_roofline", "composition_overhead", "composition_overhead_single_step"):
+        assert math.isfinite(report[key]) and report[key] > 0, (key, report[key])
