@@ -128,7 +128,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(128) attn_fwd_wmma(AttnParams p, bool vq, bool vk, bool vv) {
   using namespace nvcuda;
   using S = Smem<D>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  CF_DYNAMIC_SMEM(smem);
   T* Qs = reinterpret_cast<T*>(smem);
   T* KVs = Qs + S::q_elems;
   T* Ps = KVs + S::kv_elems;
@@ -289,15 +289,13 @@ cudaError_t launch_wmma(const AttnParams& p, cudaStream_t stream) {
                   tile_vec_ok(p.q, p.sq[0], 2);
   const bool vk = tile_vec_ok(p.k, p.sk[2], 2) && tile_vec_ok(p.k, p.sk[1], 2) && tile_vec_ok(p.k, p.sk[0], 2);
   const bool vv = tile_vec_ok(p.v, p.sv[2], 2) && tile_vec_ok(p.v, p.sv[1], 2) && tile_vec_ok(p.v, p.sv[0], 2);
-  attn_fwd_wmma<T, D><<<grid, 128, Smem<D>::bytes, stream>>>(p, vq, vk, vv);
-  return cudaGetLastError();
+  return launch_kernel(attn_fwd_wmma<T, D>, grid, dim3(128), Smem<D>::bytes, stream, p, vq, vk, vv);
 }
 
 template <typename T>
 cudaError_t launch_generic(const AttnParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned((p.Tq + 3) / 4), unsigned(p.H), unsigned(p.B));
-  attn_fwd_generic<T><<<grid, 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(attn_fwd_generic<T>, grid, dim3(128), 0, stream, p);
 }
 
 }  // namespace

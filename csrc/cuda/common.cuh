@@ -6,9 +6,48 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <tuple>
 
 namespace cf {
 namespace cuda {
+
+// Kernel launches and dynamic shared memory have one spelling each, so that the CPU emulator
+// (csrc/cuda/emulator, -DCF_CUDA_EMULATOR) runs these same sources in CI.
+#ifdef CF_CUDA_EMULATOR
+#define CF_DYNAMIC_SMEM(name) unsigned char* name = ::cf_emu::dynamic_smem()
+#else
+#define CF_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+template <typename... KArgs, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args... args) {
+#ifdef CF_CUDA_EMULATOR
+  (void)stream;
+  return ::cf_emu::launch(false, kernel, grid, block, smem, KArgs(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
+// Every block of the grid co-resident (the caller sizes the grid by occupancy): grid.sync() works.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_cooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               Args... args) {
+#ifdef CF_CUDA_EMULATOR
+  (void)stream;
+  return ::cf_emu::launch(true, kernel, grid, block, smem, KArgs(args)...);
+#else
+  std::tuple<KArgs...> typed{static_cast<KArgs>(args)...};
+  return std::apply(
+      [&](auto&... a) {
+        void* ptrs[] = {static_cast<void*>(&a)...};
+        return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, ptrs, smem, stream);
+      },
+      typed);
+#endif
+}
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }

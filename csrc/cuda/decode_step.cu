@@ -579,10 +579,7 @@ cudaError_t launch_variant(const DecodeParams& p, float* ws, VecFlags vec, cudaS
     *why = "this GPU cannot launch cooperative kernels";
     return cudaErrorNotSupported;
   }
-  DecodeParams pc = p;
-  void* args[] = {&pc, &ws, &vec};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<void*>(decode_step_kernel<T, kVecCache>), dim3(g.blocks),
-                                     dim3(kThreads), args, 0, stream);
+  return launch_cooperative(decode_step_kernel<T, kVecCache>, dim3(g.blocks), dim3(kThreads), 0, stream, p, ws, vec);
 }
 
 template <typename T>

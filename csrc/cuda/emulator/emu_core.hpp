@@ -1,0 +1,253 @@
+// calm_fast's CUDA emulator: runs the CUDA kernels of csrc/cuda on the CPU, each CUDA thread
+// a fiber (ucontext) of one OS thread, so that their logic is tested where no GPU is (CI).
+// Not a model of timing or of the GPU memory model: it checks indexing, masking, reductions,
+// the collectives' data flow and the phases of the cooperative decode step.
+//
+// The headers in this folder stand in for cuda_runtime.h, cuda_bf16.h, cuda_fp16.h, mma.h and
+// cooperative_groups.h; the .cu files compile unchanged with
+//   g++ -std=c++20 -DCF_CUDA_EMULATOR -I csrc/cuda/emulator -I csrc -x c++ FILE.cu
+// (tests/test_cuda_emulated.py). Kernels launch through cf::cuda::launch_kernel /
+// launch_cooperative (common.cuh), which land in cf_emu::launch here.
+//
+// Semantics kept: every warp collective (__shfl*_sync, __any_sync, __syncwarp) is a rendezvous
+// of the warp's lanes, __syncthreads of the block's threads, grid.sync() of the whole grid
+// (a cooperative launch runs every block at once; others run block after block). A fiber
+// runs until it reaches a collective, so lanes interleave only there, as a warp's lanes in
+// lockstep do. A collective that some thread never reaches (divergent code: a hang on a GPU)
+// fails the launch at once with the collective's name.
+#pragma once
+#include <math.h>
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <tuple>
+#include <vector>
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+namespace cf_emu {
+
+struct Fiber;
+class Barrier;
+
+struct Warp;
+struct Block;
+struct ThreadCtx {
+  Block* block = nullptr;
+  Warp* warp = nullptr;
+  Barrier* grid = nullptr;  // cooperative launches only
+  int lane = 0;
+};
+inline thread_local ThreadCtx ctx;
+
+struct Fiber {
+  enum State { kReady, kWaiting, kDone };
+  ucontext_t uc;
+  std::unique_ptr<char[]> stack;
+  State state = kReady;
+  const char* waiting_on = nullptr;
+  ThreadCtx tctx;
+  uint3 tid{}, bid{};
+  std::function<void()> body;
+};
+
+struct Scheduler {
+  ucontext_t main;
+  Fiber* current = nullptr;
+};
+inline thread_local Scheduler* sched = nullptr;
+inline thread_local std::string last_failure;  // why the last launch failed
+
+inline void yield() { swapcontext(&sched->current->uc, &sched->main); }
+
+// A reusable rendezvous whose party shrinks as threads exit (exited GPU threads no longer
+// take part in __syncthreads).
+class Barrier {
+ public:
+  explicit Barrier(int parties) : expected_(parties) {}
+  void wait(const char* what) {
+    if (int(waiting_.size()) + 1 >= expected_) {
+      release();
+      return;
+    }
+    Fiber* me = sched->current;
+    me->state = Fiber::kWaiting;
+    me->waiting_on = what;
+    waiting_.push_back(me);
+    yield();
+  }
+  void drop() {
+    --expected_;
+    if (!waiting_.empty() && int(waiting_.size()) >= expected_) release();
+  }
+
+ private:
+  void release() {
+    for (Fiber* f : waiting_) f->state = Fiber::kReady;
+    waiting_.clear();
+  }
+  int expected_;
+  std::vector<Fiber*> waiting_;
+};
+
+struct Warp {
+  explicit Warp(int n) : size(n), bar(n) {}
+  int size;
+  Barrier bar;
+  uint64_t slots[2][32] = {};  // shuffle values, alternating buffers: one rendezvous per shuffle
+  int parity[32] = {};
+};
+
+struct Block {
+  Block(int threads, size_t smem_bytes) : bar(threads), smem(smem_bytes + 128) {
+    for (int w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(new Warp(std::min(32, threads - 32 * w)));
+  }
+  Barrier bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> smem;
+  unsigned char* smem_base() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(smem.data());
+    return reinterpret_cast<unsigned char*>((p + 127) / 128 * 128);
+  }
+};
+
+inline unsigned char* dynamic_smem() { return ctx.block->smem_base(); }
+
+// Lane `src`'s value v in the calling warp (every lane of the warp calls). Buffers alternate,
+// so a lane that runs ahead to the next shuffle cannot overwrite a value still to be read.
+template <typename T>
+T exchange(T v, int src, const char* what) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+  Warp& w = *ctx.warp;
+  const int buf = w.parity[ctx.lane];
+  w.parity[ctx.lane] ^= 1;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof v);
+  w.slots[buf][ctx.lane] = bits;
+  w.bar.wait(what);
+  const uint64_t got = w.slots[buf][src & 31];
+  T out;
+  std::memcpy(&out, &got, sizeof out);
+  return out;
+}
+
+inline void trampoline() {
+  Fiber* f = sched->current;
+  f->body();
+  f->state = Fiber::kDone;
+  ctx.warp->bar.drop();
+  ctx.block->bar.drop();
+  if (ctx.grid != nullptr) ctx.grid->drop();
+}  // returns to uc_link: the scheduler
+
+// Runs the fibers until all are done; false (and last_failure set) on a deadlock.
+inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
+  Scheduler s;
+  for (auto& f : fibers) {  // a fiber that returns resumes the scheduler
+    f->uc.uc_link = &s.main;
+    makecontext(&f->uc, trampoline, 0);
+  }
+  Scheduler* outer = sched;
+  sched = &s;
+  bool ok = true;
+  // Visiting order: launch order, or (CF_EMU_SEED=n) shuffled anew each round, so that a
+  // missing barrier shows whichever thread the code wrongly assumes has run first.
+  std::vector<size_t> order(fibers.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  const char* seed_env = std::getenv("CF_EMU_SEED");
+  uint64_t seed = seed_env != nullptr ? std::strtoull(seed_env, nullptr, 10) : 0;
+  for (;;) {
+    bool ran = false, left = false;
+    if (seed != 0)
+      for (size_t i = order.size(); i > 1; --i) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        std::swap(order[i - 1], order[(seed >> 33) % i]);
+      }
+    for (size_t i : order) {
+      auto& f = fibers[i];
+      if (f->state == Fiber::kDone) continue;
+      left = true;
+      if (f->state != Fiber::kReady) continue;
+      ran = true;
+      s.current = f.get();
+      ctx = f->tctx;
+      threadIdx = f->tid;
+      blockIdx = f->bid;
+      swapcontext(&s.main, &f->uc);
+    }
+    if (!left) break;
+    if (!ran) {  // everyone waits: name what they wait at
+      std::string what;
+      for (auto& f : fibers)
+        if (f->state == Fiber::kWaiting && what.find(f->waiting_on) == std::string::npos)
+          what += std::string(what.empty() ? "" : ", ") + f->waiting_on;
+      last_failure = "calm_fast CUDA emulator: deadlock: threads wait at " + what +
+                     " that other threads of the same warp/block/grid never reach (divergent collective)";
+      std::fprintf(stderr, "%s\n", last_failure.c_str());
+      ok = false;
+      break;
+    }
+  }
+  sched = outer;
+  return ok;
+}
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+// Runs kernel(args...) over grid x block threads. Blocks of a cooperative launch run at
+// once (grid.sync() is a barrier of all of them); otherwise one block after another.
+template <typename... KArgs>
+bool run_blocks(bool cooperative, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                const std::tuple<KArgs...>& args) {
+  const int threads = int(block.x * block.y * block.z);
+  const long blocks = long(grid.x) * grid.y * grid.z;
+  std::unique_ptr<Barrier> grid_bar(cooperative ? new Barrier(int(blocks * threads)) : nullptr);
+  blockDim = block;
+  gridDim = grid;
+  auto run_group = [&](long first, long count) {
+    std::vector<std::unique_ptr<Block>> states;
+    std::vector<std::unique_ptr<Fiber>> fibers;
+    for (long i = 0; i < count; ++i) {
+      states.emplace_back(new Block(threads, smem));
+      const long id = first + i;
+      const uint3 bid{unsigned(id % grid.x), unsigned(id / grid.x % grid.y), unsigned(id / (long(grid.x) * grid.y))};
+      for (int t = 0; t < threads; ++t) {
+        auto f = std::make_unique<Fiber>();
+        f->stack.reset(new char[kStackBytes]);
+        getcontext(&f->uc);
+        f->uc.uc_stack.ss_sp = f->stack.get();
+        f->uc.uc_stack.ss_size = kStackBytes;
+        f->tctx = ThreadCtx{states.back().get(), states.back()->warps[size_t(t / 32)].get(), grid_bar.get(), t % 32};
+        f->tid = uint3{unsigned(t % block.x), unsigned(t / block.x % block.y), unsigned(t / (block.x * block.y))};
+        f->bid = bid;
+        f->body = [kernel, &args] { std::apply(kernel, args); };
+        fibers.push_back(std::move(f));
+      }
+    }
+    return run_fibers(fibers);
+  };
+  if (cooperative) return run_group(0, blocks);
+  for (long id = 0; id < blocks; ++id)
+    if (!run_group(id, 1)) return false;
+  return true;
+}
+
+}  // namespace cf_emu

@@ -1,0 +1,236 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator (csrc/cuda/emulator), against
+ops/reference.py: the same sources nvcc compiles, built here with g++ -DCF_CUDA_EMULATOR into
+a library with the C API (cf_attn_fwd_cuda, cf_decode_step_cuda), fed CPU tensors.
+
+What this checks where no GPU is: indexing, masks, key padding, empty rows, the tensor-core
+kernel's tiling (WMMA with an emulated fragment), the decode step's three phases, its split-K
+chunking and merge, for several emulated grid sizes (CF_EMU_SMS) and thread orders
+(CF_EMU_SEED). What it cannot check: speed, and races that need a GPU's memory model; those
+stay with tests/test_cuda_ops.py on a GPU (bench/gpu_check.sh)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm_fast.ops import reference as ref
+from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
+from test_native_ops import _decode_case, make_kpm, rel
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPE = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3, torch.bool: 4}
+SOURCES = ["csrc/cuda/capi_cuda.cu", "csrc/cuda/decode_step.cu", "csrc/cuda/attn_fwd.cu"]
+
+
+class CfTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("ndim", ctypes.c_int32),
+                ("shape", ctypes.c_int64 * 4), ("stride", ctypes.c_int64 * 4)]
+
+
+def _desc(t: torch.Tensor | None):
+    if t is None:
+        return None
+    n = t.dim()
+    return ctypes.byref(CfTensor(t.data_ptr(), DTYPE[t.dtype], n, (ctypes.c_int64 * 4)(*t.shape, *[0] * (4 - n)),
+                                 (ctypes.c_int64 * 4)(*t.stride(), *[0] * (4 - n))))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    assert cxx is not None, "no C++ compiler on PATH (the native build needs one too)"
+    lib = tmp_path_factory.mktemp("cuda_emu") / "libcf_cuda_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-DCF_CUDA_EMULATOR", "-Wall", "-Wno-unknown-pragmas",
+           "-Werror", f"-I{ROOT / 'csrc/cuda/emulator'}", f"-I{ROOT / 'csrc'}", "-x", "c++",
+           *[str(ROOT / s) for s in SOURCES], str(ROOT / "csrc/cuda/emulator/selftest.cu"),
+           "-x", "none", str(ROOT / "csrc/validate.cpp"), "-o", str(lib)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-6000:]}"
+    so = ctypes.CDLL(str(lib))
+    so.cf_last_error.restype = ctypes.c_char_p
+    so.cf_decode_workspace_bytes_cuda.restype = ctypes.c_int64
+    return so
+
+
+@contextmanager
+def emulated_gpu(**env):
+    """CF_EMU_SMS / CF_EMU_BLOCKS_PER_SM / CF_EMU_SEED for the calls inside (read at each launch)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def attend(emu, q, k, v, mask="aligned", kpm=None):
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3])
+    status = emu.cf_attn_fwd_cuda(_desc(q), _desc(k), _desc(v), _desc(kpm), 0 if mask == "aligned" else 1,
+                                  _desc(out), _desc(lse), None)
+    assert status == 0, emu.cf_last_error()
+    return out, lse
+
+
+def decode_step(emu, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm=None):
+    b, _, d_b = h_b.shape
+    nbytes = emu.cf_decode_workspace_bytes_cuda(b, d_b, n_heads, k_cache.shape[2])
+    assert nbytes > 0
+    workspace = torch.empty(nbytes // 4 + 4)
+    out = torch.empty_like(h_b)
+    status = emu.cf_decode_step_cuda(_desc(h_b), _desc(h_a), _desc(w_q), _desc(w_kv), _desc(b_kv), _desc(w_o),
+                                     _desc(k_cache), _desc(v_cache), _desc(kpm), ctypes.c_int64(pos),
+                                     ctypes.c_int64(n_heads), _desc(out), ctypes.c_void_p(workspace.data_ptr()),
+                                     ctypes.c_int64(nbytes), None)
+    assert status == 0, emu.cf_last_error()
+    return out
+
+
+# (B, H, Tq, Tk, d), mask, key padding, dtype. bf16/fp16 with d = 64/128 take the WMMA kernel
+# (64-row query tiles, 64-key tiles: 67/129/131/300 leave remainders), the rest the generic one.
+ATTN_CASES = [((2, 2, 67, 131, 64), "aligned", "random", torch.bfloat16),
+              ((1, 2, 70, 70, 128), "context", "empty_row", torch.float16),
+              ((2, 3, 1, 37, 128), "aligned", "none", torch.bfloat16),
+              ((1, 1, 129, 300, 64), "aligned", "left_pad", torch.float16),
+              ((1, 1, 1, 1, 64), "aligned", "none", torch.bfloat16),
+              ((1, 2, 13, 13, 7), "aligned", "random", torch.float32),
+              ((3, 1, 5, 70, 33), "context", "random", torch.float32),
+              ((3, 1, 5, 70, 33), "aligned", "empty_row", torch.bfloat16),
+              ((1, 1, 9, 20, 256), "context", "none", torch.float16),
+              ((1, 1, 17, 40, 128), "aligned", "left_pad", torch.float32)]
+
+
+def _attn_inputs(shape, kind, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, tq, tk, d = shape
+    q, k, v = (torch.randn(b, h, t, d, generator=gen).to(dtype) for t in (tq, tk, tk))
+    return q, k, v, make_kpm(b, tk, kind, gen)
+
+
+@pytest.mark.parametrize("shape,mask,kind,dtype", ATTN_CASES,
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_attention_forward_matches_reference(emu, shape, mask, kind, dtype):
+    q, k, v, kpm = _attn_inputs(shape, kind, dtype)
+    out, lse = attend(emu, q, k, v, mask, kpm)
+    want = ref.cross_attention(q.double(), k.double(), v.double(), mask, kpm)
+    assert rel(out, want) <= TOL[dtype]
+    scores = (q.double() @ k.double().transpose(-1, -2)) / shape[-1] ** 0.5
+    allowed = ref.attention_mask(shape[2], shape[3], mask, kpm, q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    want_lse = torch.logsumexp(scores, dim=-1)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    assert torch.allclose(lse[fin].double(), want_lse[fin], atol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float32, 16)])
+def test_padded_nonfinite_keys_are_ignored(emu, dtype, head_dim):
+    check_padded_keys_are_ignored(lambda q, k, v, mask, kpm: attend(emu, q, k, v, mask, kpm)[0], "cpu", dtype,
+                                  grads=False, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 2, 67, 131, 64), torch.bfloat16), ((1, 2, 13, 13, 7), torch.float32)])
+def test_attention_does_not_depend_on_thread_order(emu, shape, dtype):
+    """Each thread order (a shuffled schedule per round of the emulator) gives the same bits:
+    no thread reads shared memory another writes without a barrier between them."""
+    q, k, v, kpm = _attn_inputs(shape, "random", dtype, seed=3)
+    base, _ = attend(emu, q, k, v, "aligned", kpm)
+    for seed in (1, 2):
+        with emulated_gpu(CF_EMU_SEED=seed):
+            assert torch.equal(attend(emu, q, k, v, "aligned", kpm)[0], base), seed
+
+
+def test_attention_refuses_head_dims_over_256(emu):
+    q = torch.zeros(1, 1, 2, 264)
+    status = emu.cf_attn_fwd_cuda(_desc(q), _desc(q), _desc(q), None, 0, _desc(torch.empty_like(q)),
+                                  _desc(torch.empty(1, 1, 2)), None)
+    assert status != 0 and b"264" in emu.cf_last_error()
+
+
+# b, h, d, d_a, s, pos, context, key padding, dtype. B = 5 > 4 batch rows per weight pass;
+# d = 64/128 with 16-byte-aligned rows take the vector cache path, d = 1/5/16 the scalar one.
+DECODE_CASES = [(1, 1, 1, 1, 1, 0, False, "none", torch.float32),
+                (3, 3, 5, 13, 7, 6, False, "random", torch.float32),
+                (5, 2, 64, 96, 130, 100, False, "none", torch.float32),
+                (1, 8, 32, 64, 300, 257, False, "none", torch.float32),
+                (2, 4, 16, 40, 50, 17, True, "empty_row", torch.float32),
+                (2, 2, 128, 64, 90, 89, False, "random", torch.bfloat16),
+                (1, 4, 64, 48, 200, 150, True, "none", torch.float16)]
+
+
+def _decode_args(b, h, d, d_a, s, context, kind, dtype):
+    args = list(_decode_case(b, h, d, d_a, s, dtype, context, kind, seed=s))
+    if context:
+        args[1] = args[3] = args[4] = None
+    return args
+
+
+def _decode_want(args, pos, h):
+    up = [None if t is None else t.double() for t in args]
+    k_ref, v_ref = up[6].clone(), up[7].clone()
+    return ref.bridge_decode_step(up[0], up[1], up[2], up[3], up[4], up[5], k_ref, v_ref, pos, h, args[8]), k_ref, v_ref
+
+
+@pytest.mark.parametrize("b,h,d,d_a,s,pos,context,kind,dtype", DECODE_CASES)
+def test_decode_step_matches_reference(emu, b, h, d, d_a, s, pos, context, kind, dtype):
+    args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
+    want, k_ref, v_ref = _decode_want(args, pos, h)
+    out = decode_step(emu, *args[:8], pos, h, args[8])
+    assert rel(out, want) <= TOL[dtype]
+    assert rel(args[6], k_ref) <= TOL[dtype] and rel(args[7], v_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("sms,blocks_per_sm", [(1, 1), (3, 2), (7, 1)])
+def test_decode_step_on_other_grid_sizes(emu, sms, blocks_per_sm):
+    """The grid sets how many warps share the rows and how the cache is cut into split-K
+    chunks (one chunk per head on 1 SM, several on 7)."""
+    for case in (DECODE_CASES[3], DECODE_CASES[5]):
+        b, h, d, d_a, s, pos, context, kind, dtype = case
+        args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
+        want, _, _ = _decode_want(args, pos, h)
+        with emulated_gpu(CF_EMU_SMS=sms, CF_EMU_BLOCKS_PER_SM=blocks_per_sm):
+            assert rel(decode_step(emu, *args[:8], pos, h, args[8]), want) <= TOL[dtype], case
+
+
+def test_decode_step_does_not_depend_on_thread_order(emu):
+    b, h, d, d_a, s, pos, context, kind, dtype = DECODE_CASES[3]
+    args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
+    base = decode_step(emu, *[t.clone() if t is not None else None for t in args[:8]], pos, h, args[8])
+    for seed in (1, 2):
+        with emulated_gpu(CF_EMU_SEED=seed):
+            run = [t.clone() if t is not None else None for t in args[:8]]
+            assert torch.equal(decode_step(emu, *run, pos, h, args[8]), base), seed
+
+
+def test_decode_context_mode_at_pos_0_returns_h_b(emu):
+    args = _decode_args(2, 2, 16, 8, 5, True, "none", torch.float32)
+    assert torch.equal(decode_step(emu, *args[:8], 0, 2, None), args[0])
+
+
+def test_decode_padded_nonfinite_rows_are_ignored(emu):
+    check_decode_padded_rows_are_ignored(
+        lambda h_b, w_q, w_kv, b_kv, w_o, k, v, pos, n_heads, kpm: decode_step(
+            emu, h_b, None, w_q, None, None, w_o, k, v, pos, n_heads, kpm), "cpu", torch.float32)
+
+
+def test_emulator_reports_divergent_collectives_and_runs_its_primitives(emu):
+    """The emulator's own checks (csrc/cuda/emulator/selftest.cu): shuffles and grid.sync
+    move the right values; a __syncthreads or shuffle that some threads skip fails the launch
+    with the collective's name (a hang on a GPU) instead of hanging here."""
+    emu.cf_emu_selftest_last_error.restype = ctypes.c_char_p
+    assert emu.cf_emu_selftest_primitives() == 0, emu.cf_emu_selftest_last_error()
+    for which, name in ((0, b"__syncthreads"), (1, b"__shfl_xor_sync")):
+        assert emu.cf_emu_selftest_divergent(which) != 0
+        assert name in emu.cf_emu_selftest_last_error(), emu.cf_emu_selftest_last_error()
