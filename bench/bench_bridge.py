@@ -24,6 +24,7 @@ Forward only, under torch.inference_mode (the bridge's training path is bench_tr
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import sys
 from pathlib import Path
@@ -197,6 +198,9 @@ def bench_attention(args, device, dtype, backends):
             variants = {"sdpa_flash": flash}
         for be in backends:
             variants[be] = lambda be=be: ops.cross_attention(q, k, v, "aligned", None, be)
+        if "cuda" in backends:  # the WMMA kernel the mma.sync one replaced, side by side
+            variants["cuda_wmma"] = lambda: _with_env("CALM_FAST_CUDA_ATTN", "wmma", ops.cross_attention,
+                                                      q, k, v, "aligned", None, "cuda")
         with torch.inference_mode():
             res = common.compare(variants, device, repeats=args.repeats)
         flops = 0.5 * 4 * b * n_heads * t * t * d
@@ -206,6 +210,19 @@ def bench_attention(args, device, dtype, backends):
         print(f"attention causal B={b} H={n_heads} T={t} d={d}: " +
               "  ".join(f"{n} {r['ms']:.3f}ms" for n, r in res.items()), flush=True)
     return rows
+
+
+def _with_env(name: str, value: str, fn, *args):
+    """fn(*args) with environment variable `name` set (read by the native kernels at each launch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,8 @@ from test_native_ops import _decode_case, make_kpm, rel
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DTYPE = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3, torch.bool: 4}
-SOURCES = ["csrc/cuda/capi_cuda.cu", "csrc/cuda/decode_step.cu", "csrc/cuda/attn_fwd.cu"]
+SOURCES = ["csrc/cuda/capi_cuda.cu", "csrc/cuda/decode_step.cu", "csrc/cuda/attn_fwd.cu",
+           "csrc/cuda/attn_fwd_mma.cu"]
 
 
 class CfTensor(ctypes.Structure):
@@ -97,8 +98,9 @@ def decode_step(emu, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_he
     return out
 
 
-# (B, H, Tq, Tk, d), mask, key padding, dtype. bf16/fp16 with d = 64/128 take the WMMA kernel
-# (64-row query tiles, 64-key tiles: 67/129/131/300 leave remainders), the rest the generic one.
+# (B, H, Tq, Tk, d), mask, key padding, dtype. bf16/fp16 with d = 64/128 take the mma.sync
+# kernel (attn_fwd_mma.cu) or, with CALM_FAST_CUDA_ATTN=wmma, the WMMA one (64-row query tiles,
+# 64-key tiles: 67/129/131/300 leave remainders); the rest take the generic kernel.
 ATTN_CASES = [((2, 2, 67, 131, 64), "aligned", "random", torch.bfloat16),
               ((1, 2, 70, 70, 128), "context", "empty_row", torch.float16),
               ((2, 3, 1, 37, 128), "aligned", "none", torch.bfloat16),
@@ -118,11 +120,20 @@ def _attn_inputs(shape, kind, dtype, seed=0):
     return q, k, v, make_kpm(b, tk, kind, gen)
 
 
-@pytest.mark.parametrize("shape,mask,kind,dtype", ATTN_CASES,
+def _tensor_core(shape, dtype) -> bool:
+    return dtype != torch.float32 and shape[-1] in (64, 128)
+
+
+ATTN_PARAMS = [case + ("default",) for case in ATTN_CASES] + \
+              [case + ("wmma",) for case in ATTN_CASES if _tensor_core(case[0], case[3])]
+
+
+@pytest.mark.parametrize("shape,mask,kind,dtype,kernel", ATTN_PARAMS,
                          ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
-def test_attention_forward_matches_reference(emu, shape, mask, kind, dtype):
+def test_attention_forward_matches_reference(emu, shape, mask, kind, dtype, kernel):
     q, k, v, kpm = _attn_inputs(shape, kind, dtype)
-    out, lse = attend(emu, q, k, v, mask, kpm)
+    with emulated_gpu(CALM_FAST_CUDA_ATTN=kernel):
+        out, lse = attend(emu, q, k, v, mask, kpm)
     want = ref.cross_attention(q.double(), k.double(), v.double(), mask, kpm)
     assert rel(out, want) <= TOL[dtype]
     scores = (q.double() @ k.double().transpose(-1, -2)) / shape[-1] ** 0.5
@@ -135,10 +146,30 @@ def test_attention_forward_matches_reference(emu, shape, mask, kind, dtype):
     assert torch.allclose(lse[fin].double(), want_lse[fin], atol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
-@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 64), (torch.float32, 16)])
-def test_padded_nonfinite_keys_are_ignored(emu, dtype, head_dim):
-    check_padded_keys_are_ignored(lambda q, k, v, mask, kpm: attend(emu, q, k, v, mask, kpm)[0], "cpu", dtype,
-                                  grads=False, head_dim=head_dim)
+@pytest.mark.parametrize("dtype,head_dim,kernel", [(torch.bfloat16, 64, "default"), (torch.float16, 128, "default"),
+                                                   (torch.bfloat16, 64, "wmma"), (torch.float32, 16, "default")])
+def test_padded_nonfinite_keys_are_ignored(emu, dtype, head_dim, kernel):
+    with emulated_gpu(CALM_FAST_CUDA_ATTN=kernel):
+        check_padded_keys_are_ignored(lambda q, k, v, mask, kpm: attend(emu, q, k, v, mask, kpm)[0], "cpu", dtype,
+                                      grads=False, head_dim=head_dim)
+
+
+def test_mma_and_wmma_kernels_agree_and_unaligned_rows_fall_back(emu):
+    """The two tensor-core kernels differ only in summation order; rows that are not 16-byte
+    aligned (here a pitch of 68 elements) cannot use cp.async/ldmatrix and take the WMMA path."""
+    q, k, v, kpm = _attn_inputs((2, 2, 67, 131, 64), "random", torch.bfloat16, seed=5)
+    outs = {}
+    for kernel in ("default", "wmma"):
+        with emulated_gpu(CALM_FAST_CUDA_ATTN=kernel):
+            outs[kernel] = attend(emu, q, k, v, "aligned", kpm)
+    assert (outs["default"][0].float() - outs["wmma"][0].float()).abs().max() <= 2e-2
+    assert torch.allclose(outs["default"][1], outs["wmma"][1], atol=1e-4)
+    wide = torch.zeros(2, 2, 131, 68, dtype=torch.bfloat16)
+    wide[..., :64] = k
+    k_unaligned = wide[..., :64]
+    assert k_unaligned.stride(2) == 68
+    want = ref.cross_attention(q.double(), k.double(), v.double(), "aligned", kpm)
+    assert rel(attend(emu, q, k_unaligned, v, "aligned", kpm)[0], want) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("shape,dtype", [((2, 2, 67, 131, 64), torch.bfloat16), ((1, 2, 13, 13, 7), torch.float32)])

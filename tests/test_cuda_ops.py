@@ -170,3 +170,19 @@ def test_padded_nonfinite_keys_are_ignored(dtype, head_dim):
     check_padded_keys_are_ignored(native.cross_attention, "cuda", dtype, head_dim=head_dim)
     check_decode_padded_rows_are_ignored(
         lambda h_b, *rest: native.bridge_decode_step(h_b, None, *rest), "cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 2, 67, 131, 64), (1, 2, 200, 200, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_wmma_kernel_still_matches(shape, dtype, monkeypatch):
+    """The mma.sync kernel is the default for bf16/fp16 at d = 64/128; CALM_FAST_CUDA_ATTN=wmma
+    keeps the older WMMA kernel reachable, and both match the reference."""
+    gen = torch.Generator().manual_seed(4)
+    b, h, tq, tk, d = shape
+    q, k, v = (torch.randn(b, h, t, d, generator=gen).to(dtype).to(DEV) for t in (tq, tk, tk))
+    kpm = make_kpm(b, tk, "random", gen)
+    want = ref.cross_attention(q.double(), k.double(), v.double(), "aligned", kpm)
+    mma = native.cross_attention(q, k, v, "aligned", kpm)
+    monkeypatch.setenv("CALM_FAST_CUDA_ATTN", "wmma")
+    wmma = native.cross_attention(q, k, v, "aligned", kpm)
+    assert rel(mma, want) <= TOL[dtype] and rel(wmma, want) <= TOL[dtype]

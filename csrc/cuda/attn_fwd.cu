@@ -1,7 +1,10 @@
 // Masked cross-attention forward on CUDA (prefill), flash-style: the Tq x Tk scores are
 // never stored; each block keeps a running max / sum / output for its query rows.
 //
-// Two kernels:
+// Three kernels; launch_attn_fwd picks:
+//  * attn_fwd_mma (attn_fwd_mma.cu): bf16/fp16, head dim 64/128, 16-byte-aligned rows; mma.sync
+//    with registers-resident scores and two-stage cp.async tiles. The default where it applies;
+//    CALM_FAST_CUDA_ATTN=wmma picks the WMMA kernel below instead (for comparisons).
 //  * attn_fwd_wmma<T, D>: bf16/fp16 with head dim 64 or 128, tensor cores through WMMA.
 //    A block is 4 warps and 64 query rows (16 per warp); per 64-key tile: S = Q K^T on
 //    tensor cores, the online softmax on S in shared memory, then O += P V on tensor cores.
@@ -10,7 +13,8 @@
 //    query row with fp32 CUDA-core math. For tests and odd shapes, not for speed.
 #include <mma.h>
 
-#include <mutex>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "launch.hpp"
@@ -269,20 +273,8 @@ bool tile_vec_ok(const void* base, int64_t row_stride, int64_t elem) {
 
 template <typename T, int D>
 cudaError_t launch_wmma(const AttnParams& p, cudaStream_t stream) {
-  static std::mutex mu;
-  static bool configured[64] = {};
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
+  const cudaError_t e = allow_dynamic_smem<attn_fwd_wmma<T, D>>(Smem<D>::bytes);
   if (e != cudaSuccess) return e;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (dev >= 64 || !configured[dev]) {
-      e = cudaFuncSetAttribute(attn_fwd_wmma<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(Smem<D>::bytes));
-      if (e != cudaSuccess) return e;
-      if (dev < 64) configured[dev] = true;
-    }
-  }
   // Batch and heads ride on grid.y/z (65535 limit), query tiles on grid.x.
   const dim3 grid(unsigned((p.Tq + kBQ - 1) / kBQ), unsigned(p.H), unsigned(p.B));
   const bool vq = tile_vec_ok(p.q, p.sq[2], 2) && tile_vec_ok(static_cast<const char*>(p.q), p.sq[1], 2) &&
@@ -309,6 +301,9 @@ cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream, std::strin
     *why = "batch and heads must be <= 65535 for the CUDA attention grid";
     return cudaErrorInvalidValue;
   }
+  const char* pick = std::getenv("CALM_FAST_CUDA_ATTN");
+  if (attn_fwd_mma_supported(p) && !(pick != nullptr && std::strcmp(pick, "wmma") == 0))
+    return launch_attn_fwd_mma(p, stream);
   const bool tc = p.D == 64 || p.D == 128;
   switch (p.dtype) {
     case CF_BF16:

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 #include <tuple>
 
 namespace cf {
@@ -29,6 +30,21 @@ cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_
   kernel<<<grid, block, smem, stream>>>(args...);
   return cudaGetLastError();
 #endif
+}
+
+// Lets kKernel use `bytes` of dynamic shared memory (past the 48 KB default); once per device.
+template <auto kKernel>
+cudaError_t allow_dynamic_smem(size_t bytes) {
+  static std::mutex mu;
+  static bool done[64] = {};
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  if (dev < 64 && done[dev]) return cudaSuccess;
+  e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e == cudaSuccess && dev < 64) done[dev] = true;
+  return e;
 }
 
 // Every block of the grid co-resident (the caller sizes the grid by occupancy): grid.sync() works.

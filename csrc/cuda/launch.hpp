@@ -17,5 +17,9 @@ int64_t decode_workspace_bytes(int64_t B, int64_t DB, int64_t H, int64_t S);
 cudaError_t launch_decode_step(const DecodeParams& p, void* workspace, cudaStream_t stream, std::string* why);
 cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream, std::string* why);
 
+// The mma.sync forward (attn_fwd_mma.cu): bf16/fp16, head dim 64/128, 16-byte-aligned rows.
+bool attn_fwd_mma_supported(const AttnParams& p);
+cudaError_t launch_attn_fwd_mma(const AttnParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace cf

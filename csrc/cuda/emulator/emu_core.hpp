@@ -54,6 +54,7 @@ struct ThreadCtx {
   Block* block = nullptr;
   Warp* warp = nullptr;
   Barrier* grid = nullptr;  // cooperative launches only
+  Fiber* fiber = nullptr;
   int lane = 0;
 };
 inline thread_local ThreadCtx ctx;
@@ -67,6 +68,10 @@ struct Fiber {
   ThreadCtx tctx;
   uint3 tid{}, bid{};
   std::function<void()> body;
+  // cp.async: copies of each committed group (and the open one), done when a wait retires them.
+  struct Copy { void* dst; const void* src; bool valid; };
+  std::vector<std::vector<Copy>> cp_groups;
+  std::vector<Copy> cp_open;
 };
 
 struct Scheduler {
@@ -114,6 +119,8 @@ struct Warp {
   Barrier bar;
   uint64_t slots[2][32] = {};  // shuffle values, alternating buffers: one rendezvous per shuffle
   int parity[32] = {};
+  unsigned char wide[2][32][64] = {};  // gather_all: up to 64 bytes per lane, alternating buffers
+  int wide_parity[32] = {};
 };
 
 struct Block {
@@ -147,6 +154,24 @@ T exchange(T v, int src, const char* what) {
   T out;
   std::memcpy(&out, &got, sizeof out);
   return out;
+}
+
+// Every lane's v, indexed by lane (every lane of the warp calls): the emulated tensor-core
+// instructions read whole matrices from their fragments this way.
+template <typename T>
+void gather_all(const T& v, T (&all)[32], const char* what) {
+  static_assert(sizeof(T) <= 64, "gather_all moves at most 64 bytes per lane");
+  Warp& w = *ctx.warp;
+  const int buf = w.wide_parity[ctx.lane];
+  w.wide_parity[ctx.lane] ^= 1;
+  std::memcpy(w.wide[buf][ctx.lane], &v, sizeof v);
+  w.bar.wait(what);
+  for (int i = 0; i < 32; ++i) std::memcpy(&all[i], w.wide[buf][i], sizeof v);
+}
+
+[[noreturn]] inline void misuse(const std::string& what) {
+  std::fprintf(stderr, "calm_fast CUDA emulator: %s\n", what.c_str());
+  std::abort();
 }
 
 inline void trampoline() {
@@ -235,7 +260,8 @@ bool run_blocks(bool cooperative, void (*kernel)(KArgs...), dim3 grid, dim3 bloc
         getcontext(&f->uc);
         f->uc.uc_stack.ss_sp = f->stack.get();
         f->uc.uc_stack.ss_size = kStackBytes;
-        f->tctx = ThreadCtx{states.back().get(), states.back()->warps[size_t(t / 32)].get(), grid_bar.get(), t % 32};
+        f->tctx = ThreadCtx{states.back().get(), states.back()->warps[size_t(t / 32)].get(), grid_bar.get(), f.get(),
+                            t % 32};
         f->tid = uint3{unsigned(t % block.x), unsigned(t / block.x % block.y), unsigned(t / (block.x * block.y))};
         f->bid = bid;
         f->body = [kernel, &args] { std::apply(kernel, args); };
