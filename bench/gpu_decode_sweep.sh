@@ -32,9 +32,12 @@ log() { echo "$*" | tee -a "$LOG"; }
 # base = the committed defaults. Third H100 lease (bench/RESULTS.md), graph-replayed µs at
 # B = 1 / 4: base 107 / 195; MIN_CHUNK=32 106 / 195, CACHE_ROWS=8 108 / 196 (noise level);
 # MIN_BLOCKS=1 (230-250 registers, no spill, one block per SM) and WEIGHT_LOADS=16 slower.
-# Not yet timed: ufp = CF_DECODE_UNCHECKED_FULL_PASSES=1; minb3 = 3 blocks per SM (80
-# registers) with fewer loads in flight per warp (240 bytes of spill, 450 with the default loads).
-VARIANTS=${VARIANTS:-"base: ufp:-DCF_DECODE_UNCHECKED_FULL_PASSES=1 minb3:-DCF_DECODE_MIN_BLOCKS=3,-DCF_DECODE_WEIGHT_LOADS=4,-DCF_DECODE_CACHE_ROWS=2 mc32:-DCF_DECODE_MIN_CHUNK=32"}
+# Not yet timed: xs = CF_DECODE_X_SMEM=1 (input vectors staged in shared memory, B <= 4);
+# xsw = xs + CF_DECODE_STREAM_WEIGHTS=1 (weights read with L1::no_allocate; sm_90 ptxas: 128
+# registers, 180 bytes of spill against base's 128); ufp = CF_DECODE_UNCHECKED_FULL_PASSES=1.
+# Also untimed, left out for time: minb3 = -DCF_DECODE_MIN_BLOCKS=3,-DCF_DECODE_WEIGHT_LOADS=4,
+# -DCF_DECODE_CACHE_ROWS=2 (3 blocks per SM, 80 registers, 240 bytes of spill).
+VARIANTS=${VARIANTS:-"base: xs:-DCF_DECODE_X_SMEM=1 xsw:-DCF_DECODE_X_SMEM=1,-DCF_DECODE_STREAM_WEIGHTS=1 ufp:-DCF_DECODE_UNCHECKED_FULL_PASSES=1"}
 
 GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 GPU_ARCH=${GPU_ARCH:-90}

@@ -43,12 +43,11 @@ def _desc(t: torch.Tensor | None):
                                  (ctypes.c_int64 * 4)(*t.stride(), *[0] * (4 - n))))
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build(directory: Path, *flags: str) -> ctypes.CDLL:
     cxx = shutil.which("g++") or shutil.which("c++")
     assert cxx is not None, "no C++ compiler on PATH (the native build needs one too)"
-    lib = tmp_path_factory.mktemp("cuda_emu") / "libcf_cuda_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-DCF_CUDA_EMULATOR", "-Wall", "-Wno-unknown-pragmas",
+    lib = directory / "libcf_cuda_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-DCF_CUDA_EMULATOR", *flags, "-Wall", "-Wno-unknown-pragmas",
            "-Werror", f"-I{ROOT / 'csrc/cuda/emulator'}", f"-I{ROOT / 'csrc'}", "-x", "c++",
            *[str(ROOT / s) for s in SOURCES], str(ROOT / "csrc/cuda/emulator/selftest.cu"),
            "-x", "none", str(ROOT / "csrc/validate.cpp"), "-o", str(lib)]
@@ -58,6 +57,18 @@ def emu(tmp_path_factory):
     so.cf_last_error.restype = ctypes.c_char_p
     so.cf_decode_workspace_bytes_cuda.restype = ctypes.c_int64
     return so
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("cuda_emu"))
+
+
+@pytest.fixture(scope="module")
+def emu_staged(tmp_path_factory):
+    """The decode step's experimental knobs on (bench/gpu_decode_sweep.sh times them on a GPU):
+    input vectors staged in shared memory, weights streamed past L1."""
+    return _build(tmp_path_factory.mktemp("cuda_emu_staged"), "-DCF_DECODE_X_SMEM=1", "-DCF_DECODE_STREAM_WEIGHTS=1")
 
 
 @contextmanager
@@ -214,8 +225,10 @@ def _decode_want(args, pos, h):
     return ref.bridge_decode_step(up[0], up[1], up[2], up[3], up[4], up[5], k_ref, v_ref, pos, h, args[8]), k_ref, v_ref
 
 
+@pytest.mark.parametrize("build", ["emu", "emu_staged"])
 @pytest.mark.parametrize("b,h,d,d_a,s,pos,context,kind,dtype", DECODE_CASES)
-def test_decode_step_matches_reference(emu, b, h, d, d_a, s, pos, context, kind, dtype):
+def test_decode_step_matches_reference(request, build, b, h, d, d_a, s, pos, context, kind, dtype):
+    emu = request.getfixturevalue(build)
     args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
     want, k_ref, v_ref = _decode_want(args, pos, h)
     out = decode_step(emu, *args[:8], pos, h, args[8])

@@ -51,6 +51,16 @@ namespace {
 #ifndef CF_DECODE_UNCHECKED_FULL_PASSES
 #define CF_DECODE_UNCHECKED_FULL_PASSES 0
 #endif
+// 1: when B <= kMaxB, each block copies the GEMV input vectors (h_b and h_a for phase 1, attn
+// for phase 3) into shared memory as fp32 once, so the weight stream no longer shares the
+// L1/L2 request path with them (the weights evict them from L1 otherwise). Unmeasured.
+#ifndef CF_DECODE_X_SMEM
+#define CF_DECODE_X_SMEM 0
+#endif
+// 1: weight rows are read with ld.global.nc.L1::no_allocate (streamed past L1). Unmeasured.
+#ifndef CF_DECODE_STREAM_WEIGHTS
+#define CF_DECODE_STREAM_WEIGHTS 0
+#endif
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -60,6 +70,8 @@ constexpr int kMaxB = 4;       // batch rows that share one pass over a weight r
 constexpr int kWeightLoads = CF_DECODE_WEIGHT_LOADS;  // 16-byte weight loads in flight per lane
 constexpr int kMinBlocks = CF_DECODE_MIN_BLOCKS;       // __launch_bounds__: blocks per SM
 constexpr int kCacheRows = CF_DECODE_CACHE_ROWS;       // cache rows per lane group in flight
+constexpr bool kStageBuild = CF_DECODE_X_SMEM != 0;
+constexpr size_t kMaxStageBytes = 96 * 1024;           // CF_DECODE_X_SMEM: at most this much (2 blocks per SM)
 
 struct Layout {  // offsets into the fp32 workspace, in floats (each 16-byte aligned)
   int64_t q, attn, part, counters, total;
@@ -86,13 +98,39 @@ __host__ __device__ inline Layout layout(int64_t B, int64_t DB, int64_t H, int64
 struct VecFlags {
   bool q, kv, o;  // 16-byte loads allowed for W_q/h_b, W_kv/h_a, W_o/attn
   bool cache;     // 16-byte loads of K/V cache rows (VecRows below)
+  bool stage;     // CF_DECODE_X_SMEM: input vectors staged in shared memory (StageLayout)
 };
 
-// x as N floats: fp32 scratch (written by other blocks this launch: .cg) or T inputs.
-template <typename T, typename X>
+// CF_DECODE_X_SMEM: fp32 copies of h_b (B x D_B), then h_a (B x D_A) from a 16-byte boundary;
+// phase 3 reuses the start for attn (B x D_B).
+struct StageLayout {
+  int64_t a_offset, floats;
+  __host__ __device__ StageLayout(int64_t B, int64_t DB, int64_t DA) : a_offset(round4(B * DB)), floats(a_offset + B * DA) {}
+};
+
+__device__ __forceinline__ uint4 load_weight16(const uint4* p) {
+#if CF_DECODE_STREAM_WEIGHTS && !defined(CF_CUDA_EMULATOR)
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+#else
+  return __ldg(p);
+#endif
+}
+
+// x as N floats: fp32 in shared memory (kShared), fp32 scratch (written by other blocks this
+// launch: .cg) or T inputs.
+template <typename T, typename X, bool kShared = false>
 __device__ __forceinline__ void load_x(const X* x, float (&out)[Vec<T>::N]) {
   constexpr int N = Vec<T>::N;
-  if constexpr (sizeof(X) == 4 && sizeof(T) == 4) {
+  if constexpr (kShared) {
+    static_assert(sizeof(X) == 4, "staged inputs are fp32");
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 f = reinterpret_cast<const float4*>(x)[i];
+      out[4 * i] = f.x; out[4 * i + 1] = f.y; out[4 * i + 2] = f.z; out[4 * i + 3] = f.w;
+    }
+  } else if constexpr (sizeof(X) == 4 && sizeof(T) == 4) {
     load16<float, true>(reinterpret_cast<const float*>(x), out);
   } else if constexpr (sizeof(X) == 4) {  // T is 16-bit: N = 8 floats = two float4
     const float4* p = reinterpret_cast<const float4*>(x);
@@ -106,8 +144,9 @@ __device__ __forceinline__ void load_x(const X* x, float (&out)[Vec<T>::N]) {
   }
 }
 
-template <typename X> __device__ __forceinline__ float scalar_x(const X* x, int64_t i) {
-  if constexpr (sizeof(X) == 4) return __ldcg(reinterpret_cast<const float*>(x) + i);
+template <typename X, bool kShared = false> __device__ __forceinline__ float scalar_x(const X* x, int64_t i) {
+  if constexpr (kShared) return x[i];
+  else if constexpr (sizeof(X) == 4) return __ldcg(reinterpret_cast<const float*>(x) + i);
   else return to_f(x[i]);
 }
 
@@ -130,12 +169,12 @@ struct WeightPass {
   __device__ void issue(const uint4* w4, int64_t c0, int64_t chunks) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
-      raw[u] = !kCheck || c0 + 32 * u < chunks ? __ldg(w4 + c0 + 32 * u) : make_uint4(0, 0, 0, 0);
+      raw[u] = !kCheck || c0 + 32 * u < chunks ? load_weight16(w4 + c0 + 32 * u) : make_uint4(0, 0, 0, 0);
   }
 };
 
 // Adds one pass (chunks c0 + 32 u of the row) times x + bb * sx to acc[bb], bb < nb.
-template <bool kCheck, typename T, typename X>
+template <bool kCheck, bool kShared, typename T, typename X>
 __device__ __forceinline__ void dot_pass(const WeightPass<T>& pass, int64_t c0, int64_t chunks,
                                          const X* __restrict__ x, int64_t sx, int nb, float (&acc)[kMaxB]) {
   constexpr int N = Vec<T>::N;
@@ -149,7 +188,7 @@ __device__ __forceinline__ void dot_pass(const WeightPass<T>& pass, int64_t c0, 
       for (int bb = 0; bb < kMaxB; ++bb) {
         if (bb < nb) {
           float xv[N];
-          load_x<T, X>(x + bb * sx + c * N, xv);
+          load_x<T, X, kShared>(x + bb * sx + c * N, xv);
 #pragma unroll
           for (int e = 0; e < N; ++e) acc[bb] = fmaf(wv[e], xv[e], acc[bb]);
         }
@@ -160,7 +199,7 @@ __device__ __forceinline__ void dot_pass(const WeightPass<T>& pass, int64_t c0, 
 
 // Warp-wide dot products of one weight row w (length L) with nb <= kMaxB vectors
 // x + bb * sx: the row is read once for all of them. Every lane gets acc[bb].
-template <typename T, typename X>
+template <typename T, typename X, bool kShared = false>
 __device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64_t sx, int nb, int64_t L,
                          int lane, bool vec, float (&acc)[kMaxB]) {
 #pragma unroll
@@ -173,10 +212,10 @@ __device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64
       WeightPass<T> pass;
       if (CF_DECODE_UNCHECKED_FULL_PASSES && c0 + step - 32 < chunks) {
         pass.template issue<false>(w4, c0, chunks);
-        dot_pass<false>(pass, c0, chunks, x, sx, nb, acc);
+        dot_pass<false, kShared>(pass, c0, chunks, x, sx, nb, acc);
       } else {
         pass.template issue<true>(w4, c0, chunks);
-        dot_pass<true>(pass, c0, chunks, x, sx, nb, acc);
+        dot_pass<true, kShared>(pass, c0, chunks, x, sx, nb, acc);
       }
     }
   } else {
@@ -184,7 +223,7 @@ __device__ void rows_dot(const T* __restrict__ w, const X* __restrict__ x, int64
       const float wi = to_f(w[i]);
 #pragma unroll
       for (int bb = 0; bb < kMaxB; ++bb)
-        if (bb < nb) acc[bb] = fmaf(wi, scalar_x(x + bb * sx, i), acc[bb]);
+        if (bb < nb) acc[bb] = fmaf(wi, scalar_x<X, kShared>(x + bb * sx, i), acc[bb]);
     }
   }
 #pragma unroll
@@ -455,6 +494,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
   if (n == 0)  // context mode at pos 0: nothing to attend, the update is zero
     for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < B * DB; i += int64_t(gridDim.x) * kThreads)
       attn[i] = 0.f;
+  float* xs = nullptr;  // staged inputs (CF_DECODE_X_SMEM)
+  if constexpr (kStageBuild) {
+    CF_DYNAMIC_SMEM(stage_raw);
+    xs = reinterpret_cast<float*>(stage_raw);
+    if (vec.stage) {  // block-uniform
+      const StageLayout sl(B, DB, DA);
+      for (int64_t i = threadIdx.x; i < B * DB; i += kThreads) xs[i] = to_f(h_b[(i / DB) * p.shb + i % DB]);
+      if (append) {
+        const T* h_a = static_cast<const T*>(p.h_a);
+        for (int64_t i = threadIdx.x; i < B * DA; i += kThreads) xs[sl.a_offset + i] = to_f(h_a[(i / DA) * p.sha + i % DA]);
+      }
+      __syncthreads();
+    }
+  }
   const float scale = 1.0f / sqrtf(float(D));
   const int64_t rows1 = DB + (append ? 2 * DB : 0);
   for (int64_t r = warp; r < rows1; r += nwarps) {
@@ -462,7 +515,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
       const int nb = int(min(int64_t(kMaxB), B - b0));
       float acc[kMaxB];
       if (r < DB) {
-        rows_dot<T, T>(static_cast<const T*>(p.w_q) + r * p.swq, h_b + b0 * p.shb, p.shb, nb, DB, lane, vec.q, acc);
+        const T* w = static_cast<const T*>(p.w_q) + r * p.swq;
+        if constexpr (kStageBuild)
+          if (vec.stage) rows_dot<T, float, true>(w, xs + b0 * DB, DB, nb, DB, lane, vec.q, acc);
+        if (!(kStageBuild && vec.stage)) rows_dot<T, T>(w, h_b + b0 * p.shb, p.shb, nb, DB, lane, vec.q, acc);
 #pragma unroll
         for (int bb = 0; bb < kMaxB; ++bb)
           if (bb < nb && lane == bb) q[(b0 + bb) * DB + r] = acc[bb] * scale;
@@ -471,8 +527,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
         const float bias = to_f(static_cast<const T*>(p.b_kv)[rr * p.sbkv]);
         T* cache = static_cast<T*>(rr < DB ? p.kc : p.vc);
         const int64_t* cs = rr < DB ? p.skc : p.svc;
-        rows_dot<T, T>(static_cast<const T*>(p.w_kv) + rr * p.swkv, static_cast<const T*>(p.h_a) + b0 * p.sha,
-                       p.sha, nb, DA, lane, vec.kv, acc);
+        const T* w = static_cast<const T*>(p.w_kv) + rr * p.swkv;
+        if constexpr (kStageBuild)
+          if (vec.stage) rows_dot<T, float, true>(w, xs + StageLayout(B, DB, DA).a_offset + b0 * DA, DA, nb, DA, lane, vec.kv, acc);
+        if (!(kStageBuild && vec.stage))
+          rows_dot<T, T>(w, static_cast<const T*>(p.h_a) + b0 * p.sha, p.sha, nb, DA, lane, vec.kv, acc);
 #pragma unroll
         for (int bb = 0; bb < kMaxB; ++bb)
           if (bb < nb && lane == bb)
@@ -501,11 +560,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
   grid.sync();
 
   // ---- phase 3: out = h_b + W_o attn
+  if constexpr (kStageBuild) {
+    if (vec.stage) {
+      for (int64_t i = threadIdx.x; i < B * DB; i += kThreads) xs[i] = __ldcg(attn + i);
+      __syncthreads();
+    }
+  }
   for (int64_t r = warp; r < DB; r += nwarps) {
     for (int64_t b0 = 0; b0 < B; b0 += kMaxB) {
       const int nb = int(min(int64_t(kMaxB), B - b0));
       float acc[kMaxB];
-      rows_dot<T, float>(static_cast<const T*>(p.w_o) + r * p.swo, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc);
+      const T* w = static_cast<const T*>(p.w_o) + r * p.swo;
+      if constexpr (kStageBuild)
+        if (vec.stage) rows_dot<T, float, true>(w, xs + b0 * DB, DB, nb, DB, lane, vec.o, acc);
+      if (!(kStageBuild && vec.stage)) rows_dot<T, float>(w, attn + b0 * DB, DB, nb, DB, lane, vec.o, acc);
 #pragma unroll
       for (int bb = 0; bb < kMaxB; ++bb)
         if (bb < nb && lane == bb) {
@@ -557,7 +625,11 @@ cudaError_t grid_info(GridInfo* out) {  // per kernel instantiation (its own sta
   int sms = 0, per_sm = 0, coop = 0;
   if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
   if ((e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev)) != cudaSuccess) return e;
-  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_step_kernel<T, kVecCache>, kThreads, 0)) != cudaSuccess)
+  // Staged builds size the grid for the most shared memory a launch may ask for.
+  const size_t smem = kStageBuild ? kMaxStageBytes : 0;
+  if (kStageBuild && (e = allow_dynamic_smem<decode_step_kernel<T, kVecCache>>(smem)) != cudaSuccess) return e;
+  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_step_kernel<T, kVecCache>, kThreads, smem)) !=
+      cudaSuccess)
     return e;
   GridInfo g;
   g.blocks = sms * per_sm;
@@ -579,7 +651,8 @@ cudaError_t launch_variant(const DecodeParams& p, float* ws, VecFlags vec, cudaS
     *why = "this GPU cannot launch cooperative kernels";
     return cudaErrorNotSupported;
   }
-  return launch_cooperative(decode_step_kernel<T, kVecCache>, dim3(g.blocks), dim3(kThreads), 0, stream, p, ws, vec);
+  const size_t smem = vec.stage ? size_t(StageLayout(p.B, p.DB, p.DA).floats) * 4 : 0;
+  return launch_cooperative(decode_step_kernel<T, kVecCache>, dim3(g.blocks), dim3(kThreads), smem, stream, p, ws, vec);
 }
 
 template <typename T>
@@ -590,6 +663,7 @@ cudaError_t launch_typed(const DecodeParams& p, void* workspace, cudaStream_t st
   vec.kv = p.h_a != nullptr && rows_aligned(p.w_kv, p.swkv, p.DA, es) && rows_aligned(p.h_a, p.sha, p.DA, es);
   vec.o = rows_aligned(p.w_o, p.swo, p.DB, es) && p.DB % 4 == 0;
   vec.cache = cache_rows_vectorizable(p, es);
+  vec.stage = kStageBuild && p.B <= kMaxB && size_t(StageLayout(p.B, p.DB, p.DA).floats) * 4 <= kMaxStageBytes;
   float* ws = static_cast<float*>(workspace);
   return vec.cache ? launch_variant<T, true>(p, ws, vec, stream, why)
                    : launch_variant<T, false>(p, ws, vec, stream, why);
