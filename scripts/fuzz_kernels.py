@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The long kernel fuzz: tests/test_fuzz_kernels.py with many more hypothesis examples, on
-every CPU backend, plus the Triton kernels under TRITON_INTERPRET=1 in a subprocess (the
-interpreter must be on before triton is imported). Writes a JSON summary of case counts.
+every CPU backend and on the CUDA kernels under the CPU emulator ("cuda_emu"), plus the Triton
+kernels under TRITON_INTERPRET=1 in a subprocess (the interpreter must be on before triton is
+imported). Writes a JSON summary of case counts.
 
     PYTHONPATH=. .venv/bin/python scripts/fuzz_kernels.py --examples 2000 --triton-examples 100 \
         --out fuzz_report.json
@@ -57,15 +58,19 @@ def main() -> int:
     ap.add_argument("--triton-dtypes", default="float32",
                     help="dtypes for the triton run (bfloat16 under the CPU interpreter gives garbage, "
                          "see docs/reliability.md; add it to check on a fixed interpreter)")
+    ap.add_argument("--cuda-emu-examples", type=int, default=300,
+                    help="examples per test for the emulated CUDA kernels (0 = skip)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--out", default=None, help="write the JSON summary here")
     args = ap.parse_args()
-    summary = {"cpu": run("cpu backends", args.examples, None, {}, args.timeout)}
+    summary = {"cpu": run("cpu backends (+ emulated CUDA)", args.examples, None,
+                          {"CALM_FUZZ_CUDA_EMU_EXAMPLES": str(args.cuda_emu_examples)}, args.timeout)}
     if args.triton_examples > 0:
         try:
             import triton  # noqa: F401
             summary["triton"] = run("triton (interpreter)", args.triton_examples, "reference,triton",
-                                    {"TRITON_INTERPRET": "1", "CALM_FUZZ_DTYPES": args.triton_dtypes},
+                                    {"TRITON_INTERPRET": "1", "CALM_FUZZ_DTYPES": args.triton_dtypes,
+                                     "CALM_FUZZ_CUDA_EMU_EXAMPLES": "0"},
                                     args.timeout,
                                     select="matches_reference or gradients")
         except ImportError:

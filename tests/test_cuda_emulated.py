@@ -1,112 +1,46 @@
 """The CUDA kernels of csrc/cuda, run on the CPU by the emulator (csrc/cuda/emulator), against
 ops/reference.py: the same sources nvcc compiles, built here with g++ -DCF_CUDA_EMULATOR into
-a library with the C API (cf_attn_fwd_cuda, cf_decode_step_cuda), fed CPU tensors.
+a library with the C API (cf_attn_fwd_cuda, cf_decode_step_cuda), fed CPU tensors
+(tests/cuda_emulator.py).
 
 What this checks where no GPU is: indexing, masks, key padding, empty rows, the tensor-core
-kernel's tiling (WMMA with an emulated fragment), the decode step's three phases, its split-K
-chunking and merge, for several emulated grid sizes (CF_EMU_SMS) and thread orders
-(CF_EMU_SEED). What it cannot check: speed, and races that need a GPU's memory model; those
-stay with tests/test_cuda_ops.py on a GPU (bench/gpu_check.sh)."""
+kernels' tiling (mma.sync, ldmatrix and cp.async emulated by their PTX layouts; WMMA with an
+emulated fragment), the decode step's three phases, its split-K chunking and merge, for
+several emulated grid sizes (CF_EMU_SMS) and thread orders (CF_EMU_SEED). What it cannot
+check: speed, and races that need a GPU's memory model; those stay with
+tests/test_cuda_ops.py on a GPU (bench/gpu_check.sh)."""
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import subprocess
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 
 from calm_fast.ops import reference as ref
+from cuda_emulator import attend as _attend, build, decode_step as _decode_step, emulated_gpu, _desc
 from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
 from test_native_ops import _decode_case, make_kpm, rel
 
-ROOT = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-DTYPE = {torch.float32: 0, torch.bfloat16: 2, torch.float16: 3, torch.bool: 4}
-SOURCES = ["csrc/cuda/capi_cuda.cu", "csrc/cuda/decode_step.cu", "csrc/cuda/attn_fwd.cu",
-           "csrc/cuda/attn_fwd_mma.cu"]
-
-
-class CfTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("ndim", ctypes.c_int32),
-                ("shape", ctypes.c_int64 * 4), ("stride", ctypes.c_int64 * 4)]
-
-
-def _desc(t: torch.Tensor | None):
-    if t is None:
-        return None
-    n = t.dim()
-    return ctypes.byref(CfTensor(t.data_ptr(), DTYPE[t.dtype], n, (ctypes.c_int64 * 4)(*t.shape, *[0] * (4 - n)),
-                                 (ctypes.c_int64 * 4)(*t.stride(), *[0] * (4 - n))))
-
-
-def _build(directory: Path, *flags: str) -> ctypes.CDLL:
-    cxx = shutil.which("g++") or shutil.which("c++")
-    assert cxx is not None, "no C++ compiler on PATH (the native build needs one too)"
-    lib = directory / "libcf_cuda_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-DCF_CUDA_EMULATOR", *flags, "-Wall", "-Wno-unknown-pragmas",
-           "-Werror", f"-I{ROOT / 'csrc/cuda/emulator'}", f"-I{ROOT / 'csrc'}", "-x", "c++",
-           *[str(ROOT / s) for s in SOURCES], str(ROOT / "csrc/cuda/emulator/selftest.cu"),
-           "-x", "none", str(ROOT / "csrc/validate.cpp"), "-o", str(lib)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-6000:]}"
-    so = ctypes.CDLL(str(lib))
-    so.cf_last_error.restype = ctypes.c_char_p
-    so.cf_decode_workspace_bytes_cuda.restype = ctypes.c_int64
-    return so
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("cuda_emu"))
+def emu():
+    return build()
 
 
 @pytest.fixture(scope="module")
-def emu_staged(tmp_path_factory):
+def emu_staged():
     """The decode step's experimental knobs on (bench/gpu_decode_sweep.sh times them on a GPU):
     input vectors staged in shared memory, weights streamed past L1."""
-    return _build(tmp_path_factory.mktemp("cuda_emu_staged"), "-DCF_DECODE_X_SMEM=1", "-DCF_DECODE_STREAM_WEIGHTS=1")
-
-
-@contextmanager
-def emulated_gpu(**env):
-    """CF_EMU_SMS / CF_EMU_BLOCKS_PER_SM / CF_EMU_SEED for the calls inside (read at each launch)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return build("-DCF_DECODE_X_SMEM=1", "-DCF_DECODE_STREAM_WEIGHTS=1")
 
 
 def attend(emu, q, k, v, mask="aligned", kpm=None):
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3])
-    status = emu.cf_attn_fwd_cuda(_desc(q), _desc(k), _desc(v), _desc(kpm), 0 if mask == "aligned" else 1,
-                                  _desc(out), _desc(lse), None)
-    assert status == 0, emu.cf_last_error()
-    return out, lse
+    return _attend(emu, q, k, v, mask, kpm)
 
 
-def decode_step(emu, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm=None):
-    b, _, d_b = h_b.shape
-    nbytes = emu.cf_decode_workspace_bytes_cuda(b, d_b, n_heads, k_cache.shape[2])
-    assert nbytes > 0
-    workspace = torch.empty(nbytes // 4 + 4)
-    out = torch.empty_like(h_b)
-    status = emu.cf_decode_step_cuda(_desc(h_b), _desc(h_a), _desc(w_q), _desc(w_kv), _desc(b_kv), _desc(w_o),
-                                     _desc(k_cache), _desc(v_cache), _desc(kpm), ctypes.c_int64(pos),
-                                     ctypes.c_int64(n_heads), _desc(out), ctypes.c_void_p(workspace.data_ptr()),
-                                     ctypes.c_int64(nbytes), None)
-    assert status == 0, emu.cf_last_error()
-    return out
+def decode_step(emu, *args):
+    return _decode_step(emu, *args)
 
 
 # (B, H, Tq, Tk, d), mask, key padding, dtype. bf16/fp16 with d = 64/128 take the mma.sync
@@ -273,7 +207,6 @@ def test_emulator_reports_divergent_collectives_and_runs_its_primitives(emu):
     """The emulator's own checks (csrc/cuda/emulator/selftest.cu): shuffles and grid.sync
     move the right values; a __syncthreads or shuffle that some threads skip fails the launch
     with the collective's name (a hang on a GPU) instead of hanging here."""
-    emu.cf_emu_selftest_last_error.restype = ctypes.c_char_p
     assert emu.cf_emu_selftest_primitives() == 0, emu.cf_emu_selftest_last_error()
     for which, name in ((0, b"__syncthreads"), (1, b"__shfl_xor_sync")):
         assert emu.cf_emu_selftest_divergent(which) != 0
