@@ -32,12 +32,14 @@ log() { echo "$*" | tee -a "$LOG"; }
 # base = the committed defaults. Third H100 lease (bench/RESULTS.md), graph-replayed µs at
 # B = 1 / 4: base 107 / 195; MIN_CHUNK=32 106 / 195, CACHE_ROWS=8 108 / 196 (noise level);
 # MIN_BLOCKS=1 (230-250 registers, no spill, one block per SM) and WEIGHT_LOADS=16 slower.
-# Not yet timed: xs = CF_DECODE_X_SMEM=1 (input vectors staged in shared memory, B <= 4);
+# Not yet timed (in the order run): df = CF_DECODE_DATAFLOW=1 (no grid barriers: per-head and
+# merge counters in the workspace; sm_90 ptxas 128 registers, 128 B spill like base);
+# xs = CF_DECODE_X_SMEM=1 (input vectors staged in shared memory, B <= 4);
 # xsw = xs + CF_DECODE_STREAM_WEIGHTS=1 (weights read with L1::no_allocate; sm_90 ptxas: 128
 # registers, 180 bytes of spill against base's 128); ufp = CF_DECODE_UNCHECKED_FULL_PASSES=1.
 # Also untimed, left out for time: minb3 = -DCF_DECODE_MIN_BLOCKS=3,-DCF_DECODE_WEIGHT_LOADS=4,
 # -DCF_DECODE_CACHE_ROWS=2 (3 blocks per SM, 80 registers, 240 bytes of spill).
-VARIANTS=${VARIANTS:-"base: xs:-DCF_DECODE_X_SMEM=1 xsw:-DCF_DECODE_X_SMEM=1,-DCF_DECODE_STREAM_WEIGHTS=1 ufp:-DCF_DECODE_UNCHECKED_FULL_PASSES=1"}
+VARIANTS=${VARIANTS:-"base: df:-DCF_DECODE_DATAFLOW=1 xsw:-DCF_DECODE_X_SMEM=1,-DCF_DECODE_STREAM_WEIGHTS=1 xs:-DCF_DECODE_X_SMEM=1 ufp:-DCF_DECODE_UNCHECKED_FULL_PASSES=1"}
 
 GPU_ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 GPU_ARCH=${GPU_ARCH:-90}
@@ -85,6 +87,10 @@ for v in $VARIANTS; do
   timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "decode or padded" 2>&1 | tail -3 | tee -a "$LOG"
   t=${PIPESTATUS[0]}
   case $t in 0) tests=pass ;; 5) tests=none ;; *) tests=FAIL ;; esac  # 5: nothing ran (no GPU)
+  if [[ $tests == FAIL ]]; then  # never time a wrong (or hanging: rc 124) kernel
+    log "=== $name: tests failed (rc=$t), not timed"
+    printf "%-12s %-8s %-12s %-12s %s\n" "$name" FAIL - - "$flags" >>"$SUMMARY"; continue
+  fi
   timeout 150 "$PY" bench/bench_bridge.py --device cuda --dtype bfloat16 --quick --only decode \
     --out-dir "$WORK/$name/bench" --tag "$name" 2>&1 | grep -E "^decode B=" | tee -a "$LOG"
   cp "$WORK/$name/bench/bridge_$name.json" "$OUT_DIR/" 2>/dev/null

@@ -28,11 +28,14 @@ def emu():
     return build()
 
 
+KNOBS = ("-DCF_DECODE_X_SMEM=1", "-DCF_DECODE_STREAM_WEIGHTS=1", "-DCF_DECODE_DATAFLOW=1")
+
+
 @pytest.fixture(scope="module")
-def emu_staged():
+def emu_knobs():
     """The decode step's experimental knobs on (bench/gpu_decode_sweep.sh times them on a GPU):
-    input vectors staged in shared memory, weights streamed past L1."""
-    return build("-DCF_DECODE_X_SMEM=1", "-DCF_DECODE_STREAM_WEIGHTS=1")
+    input vectors staged in shared memory, weights streamed past L1, no grid barriers (counters)."""
+    return build(*KNOBS)
 
 
 def attend(emu, q, k, v, mask="aligned", kpm=None):
@@ -143,7 +146,8 @@ DECODE_CASES = [(1, 1, 1, 1, 1, 0, False, "none", torch.float32),
                 (1, 8, 32, 64, 300, 257, False, "none", torch.float32),
                 (2, 4, 16, 40, 50, 17, True, "empty_row", torch.float32),
                 (2, 2, 128, 64, 90, 89, False, "random", torch.bfloat16),
-                (1, 4, 64, 48, 200, 150, True, "none", torch.float16)]
+                (1, 4, 64, 48, 200, 150, True, "none", torch.float16),
+                (1, 2, 16, 40, 64, 0, False, "none", torch.float32)]  # pos 0: the new row is read first
 
 
 def _decode_args(b, h, d, d_a, s, context, kind, dtype):
@@ -159,7 +163,7 @@ def _decode_want(args, pos, h):
     return ref.bridge_decode_step(up[0], up[1], up[2], up[3], up[4], up[5], k_ref, v_ref, pos, h, args[8]), k_ref, v_ref
 
 
-@pytest.mark.parametrize("build", ["emu", "emu_staged"])
+@pytest.mark.parametrize("build", ["emu", "emu_knobs"])
 @pytest.mark.parametrize("b,h,d,d_a,s,pos,context,kind,dtype", DECODE_CASES)
 def test_decode_step_matches_reference(request, build, b, h, d, d_a, s, pos, context, kind, dtype):
     emu = request.getfixturevalue(build)
@@ -170,8 +174,9 @@ def test_decode_step_matches_reference(request, build, b, h, d, d_a, s, pos, con
     assert rel(args[6], k_ref) <= TOL[dtype] and rel(args[7], v_ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("build", ["emu", "emu_knobs"])
 @pytest.mark.parametrize("sms,blocks_per_sm", [(1, 1), (3, 2), (7, 1)])
-def test_decode_step_on_other_grid_sizes(emu, sms, blocks_per_sm):
+def test_decode_step_on_other_grid_sizes(request, build, sms, blocks_per_sm):
     """The grid sets how many warps share the rows and how the cache is cut into split-K
     chunks (one chunk per head on 1 SM, several on 7)."""
     for case in (DECODE_CASES[3], DECODE_CASES[5]):
@@ -179,17 +184,26 @@ def test_decode_step_on_other_grid_sizes(emu, sms, blocks_per_sm):
         args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
         want, _, _ = _decode_want(args, pos, h)
         with emulated_gpu(CF_EMU_SMS=sms, CF_EMU_BLOCKS_PER_SM=blocks_per_sm):
-            assert rel(decode_step(emu, *args[:8], pos, h, args[8]), want) <= TOL[dtype], case
+            out = decode_step(request.getfixturevalue(build), *args[:8], pos, h, args[8])
+        assert rel(out, want) <= TOL[dtype], case
 
 
-def test_decode_step_does_not_depend_on_thread_order(emu):
-    b, h, d, d_a, s, pos, context, kind, dtype = DECODE_CASES[3]
-    args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
-    base = decode_step(emu, *[t.clone() if t is not None else None for t in args[:8]], pos, h, args[8])
-    for seed in (1, 2):
-        with emulated_gpu(CF_EMU_SEED=seed):
-            run = [t.clone() if t is not None else None for t in args[:8]]
-            assert torch.equal(decode_step(emu, *run, pos, h, args[8]), base), seed
+@pytest.mark.parametrize("build", ["emu", "emu_knobs"])
+def test_decode_step_does_not_depend_on_thread_order(request, build):
+    """Shuffled thread orders give the same bits; for the barrier-free (dataflow) build this is
+    what checks its counters: a missing wait shows as a wrong result in some order."""
+    emu = request.getfixturevalue(build)
+    for case in (DECODE_CASES[3], DECODE_CASES[2], DECODE_CASES[4], DECODE_CASES[7]):
+        b, h, d, d_a, s, pos, context, kind, dtype = case
+        args = _decode_args(b, h, d, d_a, s, context, kind, dtype)
+        want, _, _ = _decode_want(args, pos, h)
+        with emulated_gpu(CF_EMU_SMS=3):
+            base = decode_step(emu, *[t.clone() if t is not None else None for t in args[:8]], pos, h, args[8])
+        assert rel(base, want) <= TOL[dtype], case
+        for seed in (1, 2, 3):
+            with emulated_gpu(CF_EMU_SEED=seed, CF_EMU_SMS=3):
+                run = [t.clone() if t is not None else None for t in args[:8]]
+                assert torch.equal(decode_step(emu, *run, pos, h, args[8]), base), (case, seed)
 
 
 def test_decode_context_mode_at_pos_0_returns_h_b(emu):

@@ -61,6 +61,16 @@ namespace {
 #ifndef CF_DECODE_STREAM_WEIGHTS
 #define CF_DECODE_STREAM_WEIGHTS 0
 #endif
+// 1: no grid-wide barrier between the phases (when there are cache rows to attend): a split-K
+// item waits only for its head's q rows (and K/V rows when it holds the new row), a W_o row for
+// the merged attention, through counters in the workspace (zeroed by a memset before the launch).
+// A warp that finishes its phase early goes on instead of waiting for the slowest one (the
+// lease-3 profile: 35% of warp stalls at the grid barriers). Deadlock-free because every warp
+// takes its items in order (all phase-1 rows before any split-K item, those before any W_o row)
+// and phase-1 rows wait for nothing. Unmeasured.
+#ifndef CF_DECODE_DATAFLOW
+#define CF_DECODE_DATAFLOW 0
+#endif
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -71,10 +81,11 @@ constexpr int kWeightLoads = CF_DECODE_WEIGHT_LOADS;  // 16-byte weight loads in
 constexpr int kMinBlocks = CF_DECODE_MIN_BLOCKS;       // __launch_bounds__: blocks per SM
 constexpr int kCacheRows = CF_DECODE_CACHE_ROWS;       // cache rows per lane group in flight
 constexpr bool kStageBuild = CF_DECODE_X_SMEM != 0;
+constexpr bool kDataflow = CF_DECODE_DATAFLOW != 0;
 constexpr size_t kMaxStageBytes = 96 * 1024;           // CF_DECODE_X_SMEM: at most this much (2 blocks per SM)
 
 struct Layout {  // offsets into the fp32 workspace, in floats (each 16-byte aligned)
-  int64_t q, attn, part, counters, total;
+  int64_t q, attn, part, counters, deps, total;  // deps: CF_DECODE_DATAFLOW's q_done[H], kv_done[H], merged
 };
 
 // A split-K partial: max, sum, two floats of padding, then the D-float output, which is
@@ -91,7 +102,8 @@ __host__ __device__ inline Layout layout(int64_t B, int64_t DB, int64_t H, int64
   l.attn = round4(B * DB);
   l.part = l.attn + round4(B * DB);
   l.counters = l.part + round4(B * H * nch * part_stride(D));
-  l.total = l.counters + round4(B * H);
+  l.deps = l.counters + round4(B * H);
+  l.total = l.deps + round4(2 * H + 1);
   return l;
 }
 
@@ -466,6 +478,22 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
   }
 }
 
+// CF_DECODE_DATAFLOW: the warp waits until *count >= target (lane 0 polls), then may read what
+// the counted writers wrote (they fenced before counting).
+__device__ __forceinline__ void wait_for_count(const int* count, int target, int lane) {
+  if (lane == 0)
+    while (*reinterpret_cast<const volatile int*>(count) < target) __nanosleep(64);
+  __syncwarp();
+  __threadfence();
+}
+
+// Every lane's writes are visible before lane 0 adds one to *count.
+__device__ __forceinline__ void signal_count(int* count, int lane) {
+  __threadfence();
+  __syncwarp();
+  if (lane == 0) atomicAdd(count, 1);
+}
+
 // kVecCache picks the phase-2 row layout at compile time: inlining both spills registers.
 template <typename T, bool kVecCache>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(DecodeParams p, float* ws, VecFlags vec) {
@@ -479,6 +507,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
   float* attn = ws + lay.attn;
   float* part = ws + lay.part;
   int* counters = reinterpret_cast<int*>(ws + lay.counters);
+  int* q_done = reinterpret_cast<int*>(ws + lay.deps);  // CF_DECODE_DATAFLOW: rows done per head
+  int* kv_done = q_done + H;
+  int* merged = kv_done + H;
+  const bool dataflow = kDataflow && n > 0;  // n == 0: nothing to attend, the plain barriers
   const bool append = p.h_a != nullptr;
   const T* h_b = static_cast<const T*>(p.h_b);
 
@@ -489,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
   const int64_t nch = (n + chunk - 1) / chunk, items = B * H * nch;
 
   // ---- phase 1: q and the new K/V row
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0 && !dataflow)  // (dataflow: the launcher's memset zeroed every counter)
     for (int64_t i = threadIdx.x; i < B * H; i += kThreads) counters[i] = 0;
   if (n == 0)  // context mode at pos 0: nothing to attend, the update is zero
     for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < B * DB; i += int64_t(gridDim.x) * kThreads)
@@ -538,14 +570,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
             cache[(b0 + bb) * cs[0] + head * cs[1] + p.pos * cs[2] + d] = from_f<T>(acc[bb] + bias);
       }
     }
+    if (dataflow) signal_count(r < DB ? &q_done[r / D] : &kv_done[((r - DB) % DB) / D], lane);
   }
-  grid.sync();
+  if (!dataflow) grid.sync();
 
   // ---- phase 2: split-K attention over cache rows [0, n), merged by the last warp
   const Rows rows(D);
   for (int64_t it = warp; it < items; it += nwarps) {
     const Item w(it, H, nch, chunk, n);
     const int64_t b = w.b, h = w.h;
+    if (dataflow) {
+      wait_for_count(&q_done[h], int(D), lane);
+      if (append && w.j0 <= p.pos && p.pos < w.j1) wait_for_count(&kv_done[h], int(2 * D), lane);  // the new row
+    }
     attend_chunk<T>(p, rows, q + b * DB + h * D, w, part + it * part_stride(D), lane);
     __threadfence();
     __syncwarp();
@@ -555,9 +592,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
     if (last) {  // every chunk of (b, h) is written: merge them
       __threadfence();
       merge_chunks(part + (b * H + h) * nch * part_stride(D), nch, D, attn + b * DB + h * D, lane);
+      if (dataflow) signal_count(merged, lane);
     }
   }
-  grid.sync();
+  if (!dataflow) grid.sync();
+  else if (warp < DB) wait_for_count(merged, int(B * H), lane);  // this warp has W_o rows
 
   // ---- phase 3: out = h_b + W_o attn
   if constexpr (kStageBuild) {
@@ -652,6 +691,11 @@ cudaError_t launch_variant(const DecodeParams& p, float* ws, VecFlags vec, cudaS
     return cudaErrorNotSupported;
   }
   const size_t smem = vec.stage ? size_t(StageLayout(p.B, p.DB, p.DA).floats) * 4 : 0;
+  if (kDataflow) {  // every counter starts at 0 (the kernel has no barrier to order a reset)
+    const Layout lay = layout(p.B, p.DB, p.H, p.S);
+    e = cudaMemsetAsync(ws + lay.counters, 0, size_t(lay.total - lay.counters) * 4, stream);
+    if (e != cudaSuccess) return e;
+  }
   return launch_cooperative(decode_step_kernel<T, kVecCache>, dim3(g.blocks), dim3(kThreads), smem, stream, p, ws, vec);
 }
 

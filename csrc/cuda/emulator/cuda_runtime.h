@@ -39,6 +39,12 @@ inline int __any_sync(unsigned, int pred) {
 inline void __syncwarp(unsigned = 0xffffffffu) { cf_emu::ctx.warp->bar.wait("__syncwarp"); }
 inline void __syncthreads() { cf_emu::ctx.block->bar.wait("__syncthreads"); }
 inline void __threadfence() {}  // one OS thread runs every fiber: memory is sequential
+// A polling thread lets the others run; a poll that never ends is a deadlock on a GPU too.
+inline void __nanosleep(unsigned) {
+  cf_emu::Fiber* f = cf_emu::ctx.fiber;
+  if (++f->polls > 50'000'000) cf_emu::misuse("a spin-wait (__nanosleep loop) never ended");
+  cf_emu::yield();
+}
 inline int atomicAdd(int* p, int v) {
   const int old = *p;
   *p = old + v;
@@ -81,6 +87,10 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaErrorLaunchFailure ? cf_emu::last_failure.c_str() : cudaGetErrorName(e);
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetDevice(int* dev) { *dev = 0; return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 // The emulated GPU: CF_EMU_SMS multiprocessors (default 2), CF_EMU_BLOCKS_PER_SM co-resident

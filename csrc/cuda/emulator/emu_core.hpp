@@ -72,6 +72,7 @@ struct Fiber {
   struct Copy { void* dst; const void* src; bool valid; };
   std::vector<std::vector<Copy>> cp_groups;
   std::vector<Copy> cp_open;
+  long polls = 0;  // __nanosleep calls: a spin-wait that never ends aborts
 };
 
 struct Scheduler {
@@ -193,8 +194,9 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
   Scheduler* outer = sched;
   sched = &s;
   bool ok = true;
-  // Visiting order: launch order, or (CF_EMU_SEED=n) shuffled anew each round, so that a
-  // missing barrier shows whichever thread the code wrongly assumes has run first.
+  // Visiting order: launch order, or (CF_EMU_SEED=n) shuffled anew each round with each ready
+  // fiber skipped half the time, so that warps drift apart and a missing barrier or wait shows
+  // whichever thread the code wrongly assumes has run first.
   std::vector<size_t> order(fibers.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   const char* seed_env = std::getenv("CF_EMU_SEED");
@@ -206,11 +208,17 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
         seed = seed * 6364136223846793005ull + 1442695040888963407ull;
         std::swap(order[i - 1], order[(seed >> 33) % i]);
       }
+    bool ready = false;
     for (size_t i : order) {
       auto& f = fibers[i];
       if (f->state == Fiber::kDone) continue;
       left = true;
       if (f->state != Fiber::kReady) continue;
+      ready = true;
+      if (seed != 0) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        if ((seed >> 62) & 1) continue;  // this round without it
+      }
       ran = true;
       s.current = f.get();
       ctx = f->tctx;
@@ -219,6 +227,7 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
       swapcontext(&s.main, &f->uc);
     }
     if (!left) break;
+    if (!ran && ready) continue;  // every ready fiber was skipped this round
     if (!ran) {  // everyone waits: name what they wait at
       std::string what;
       for (auto& f : fibers)
