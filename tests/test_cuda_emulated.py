@@ -220,8 +220,9 @@ def test_decode_padded_nonfinite_rows_are_ignored(emu):
 def test_emulator_reports_divergent_collectives_and_runs_its_primitives(emu):
     """The emulator's own checks (csrc/cuda/emulator/selftest.cu): shuffles and grid.sync
     move the right values; a __syncthreads or shuffle that some threads skip fails the launch
-    with the collective's name (a hang on a GPU) instead of hanging here."""
+    with the collective's name (a hang on a GPU) instead of hanging here, and a misaligned
+    ldmatrix (a fault on a GPU) fails the launch with a message instead of aborting."""
     assert emu.cf_emu_selftest_primitives() == 0, emu.cf_emu_selftest_last_error()
-    for which, name in ((0, b"__syncthreads"), (1, b"__shfl_xor_sync")):
+    for which, name in ((0, b"__syncthreads"), (1, b"__shfl_xor_sync"), (2, b"not 16-byte aligned")):
         assert emu.cf_emu_selftest_divergent(which) != 0
         assert name in emu.cf_emu_selftest_last_error(), emu.cf_emu_selftest_last_error()

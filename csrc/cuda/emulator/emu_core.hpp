@@ -78,6 +78,7 @@ struct Fiber {
 struct Scheduler {
   ucontext_t main;
   Fiber* current = nullptr;
+  std::string fault;  // set by misuse(): the launch stops and fails with this message
 };
 inline thread_local Scheduler* sched = nullptr;
 inline thread_local std::string last_failure;  // why the last launch failed
@@ -170,9 +171,14 @@ void gather_all(const T& v, T (&all)[32], const char* what) {
   for (int i = 0; i < 32; ++i) std::memcpy(&all[i], w.wide[buf][i], sizeof v);
 }
 
+// A kernel did what faults on a GPU (a misaligned address, a spin that never ends): the launch
+// stops and fails with this message; the calling fiber is never resumed (its stack is freed).
 [[noreturn]] inline void misuse(const std::string& what) {
-  std::fprintf(stderr, "calm_fast CUDA emulator: %s\n", what.c_str());
-  std::abort();
+  sched->fault = "calm_fast CUDA emulator: " + what;
+  sched->current->state = Fiber::kWaiting;
+  sched->current->waiting_on = "a fault";
+  yield();
+  std::abort();  // not reached: the scheduler never resumes a faulted fiber
 }
 
 inline void trampoline() {
@@ -184,7 +190,7 @@ inline void trampoline() {
   if (ctx.grid != nullptr) ctx.grid->drop();
 }  // returns to uc_link: the scheduler
 
-// Runs the fibers until all are done; false (and last_failure set) on a deadlock.
+// Runs the fibers until all are done; false (and last_failure set) on a deadlock or a fault.
 inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
   Scheduler s;
   for (auto& f : fibers) {  // a fiber that returns resumes the scheduler
@@ -225,6 +231,13 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
       threadIdx = f->tid;
       blockIdx = f->bid;
       swapcontext(&s.main, &f->uc);
+      if (!s.fault.empty()) break;
+    }
+    if (!s.fault.empty()) {
+      last_failure = s.fault;
+      std::fprintf(stderr, "%s\n", last_failure.c_str());
+      ok = false;
+      break;
     }
     if (!left) break;
     if (!ran && ready) continue;  // every ready fiber was skipped this round

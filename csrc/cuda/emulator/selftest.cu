@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../common.cuh"
+#include "../mma_sync.cuh"
 
 namespace {
 
@@ -51,6 +52,13 @@ __global__ void divergent_kernel(int which) {
   }
 }
 
+// One warp: ldmatrix from a row address 8 bytes off a 16-byte boundary (a fault on a GPU).
+__global__ void misaligned_kernel() {
+  CF_DYNAMIC_SMEM(smem);
+  uint32_t r[4];
+  cf::cuda::ldmatrix_x4<false>(r, smem + 8 + 16 * (threadIdx.x % 8));
+}
+
 int fail(const std::string& why) {
   g_selftest_error = why;
   return 1;
@@ -84,7 +92,8 @@ int cf_emu_selftest_primitives(void) {
 }
 
 int cf_emu_selftest_divergent(int which) {
-  const cudaError_t e = launch_kernel(divergent_kernel, dim3(1), dim3(which == 0 ? 64 : 32), 0, nullptr, which);
+  const cudaError_t e = which == 2 ? launch_kernel(misaligned_kernel, dim3(1), dim3(32), 256, nullptr)
+                                   : launch_kernel(divergent_kernel, dim3(1), dim3(which == 0 ? 64 : 32), 0, nullptr, which);
   g_selftest_error = cf_emu::last_failure;
   return e == cudaSuccess ? 0 : 1;
 }
