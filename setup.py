@@ -104,6 +104,9 @@ class CMakeBuild(build_ext):
         dest = Path(self.get_ext_fullpath(ext.name))
         _place(built[0], dest)
         if ext.name == "calm_fast._C":  # the C API for other stacks (calm_fast/capi.py finds it)
+            if not (out_dir / "libcalm_fast.so").is_file():
+                raise RuntimeError("CMake did not build libcalm_fast.so, which the package ships "
+                                   "(is CALM_FAST_CAPI_LIB=OFF in CMAKE_ARGS?)")
             _place(out_dir / "libcalm_fast.so", dest.parent / C_LIBRARY)
             _place(ROOT / "csrc" / "calm_fast.h", dest.parent / C_HEADER)
 
