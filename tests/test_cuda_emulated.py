@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from calm_fast.ops import reference as ref
-from cuda_emulator import attend as _attend, build, decode_step as _decode_step, emulated_gpu, _desc
+from cuda_emulator import _desc, attend, build, decode_step, emulated_gpu
 from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
 from test_native_ops import _decode_case, make_kpm, rel
 
@@ -36,14 +36,6 @@ def emu_knobs():
     """The decode step's experimental knobs on (bench/gpu_decode_sweep.sh times them on a GPU):
     input vectors staged in shared memory, weights streamed past L1, no grid barriers (counters)."""
     return build(*KNOBS)
-
-
-def attend(emu, q, k, v, mask="aligned", kpm=None):
-    return _attend(emu, q, k, v, mask, kpm)
-
-
-def decode_step(emu, *args):
-    return _decode_step(emu, *args)
 
 
 # (B, H, Tq, Tk, d), mask, key padding, dtype. bf16/fp16 with d = 64/128 take the mma.sync
