@@ -190,3 +190,25 @@ def test_standalone_build_without_python_or_cuda(tmp_path):
     out = _run(exe, "errors").stdout
     assert "cf_decode_workspace_bytes_cuda(1, 4096, 32, 2048) = -1" in out
     assert re.search(r"cf_decode_step_cuda\(workspace = NULL\) -> 5: .*built without CUDA", out), out
+
+
+def test_readme_c_example_runs_and_matches_the_reference(tmp_path):
+    """The README's C program: it compiles as written, runs, and prints the reference's output."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```c\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, "expected exactly one C block in the README"
+    src, exe = tmp_path / "example.c", tmp_path / "example"
+    src.write_text(blocks[0])
+    cc = shutil.which("cc") or shutil.which("gcc")
+    done = subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", str(src), *capi.cflags(),
+                           *capi.libs(), "-o", str(exe)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = _run(exe).stdout.splitlines()
+    got = torch.tensor([float(x) for x in lines[0].split()], dtype=torch.float64).reshape(1, 1, 3, 4)
+    i = torch.arange(20, dtype=torch.float64)
+    k = ((i % 7).floor() / 7).float().reshape(1, 1, 5, 4)  # the program's fill, in fp32 as it computes
+    v = (i / 20).float().reshape(1, 1, 5, 4)
+    q = ((torch.arange(12) % 5) / 5).float().reshape(1, 1, 3, 4)
+    want = ref.cross_attention(q.double(), k.double(), v.double(), "aligned")
+    assert torch.allclose(got, want, atol=2e-6), (got, want)
+    assert lines[1] == "status 2: mask: expected 0 (aligned) or 1 (context), got 7"
