@@ -64,7 +64,7 @@ def _tensor_core(shape, dtype) -> bool:
     return dtype != torch.float32 and shape[-1] in (64, 128)
 
 
-ATTN_PARAMS = [case + ("default",) for case in ATTN_CASES] + \
+ATTN_PARAMS = [case + ("mma",) for case in ATTN_CASES] + \
               [case + ("wmma",) for case in ATTN_CASES if _tensor_core(case[0], case[3])]
 
 
@@ -86,8 +86,8 @@ def test_attention_forward_matches_reference(emu, shape, mask, kind, dtype, kern
     assert torch.allclose(lse[fin].double(), want_lse[fin], atol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
-@pytest.mark.parametrize("dtype,head_dim,kernel", [(torch.bfloat16, 64, "default"), (torch.float16, 128, "default"),
-                                                   (torch.bfloat16, 64, "wmma"), (torch.float32, 16, "default")])
+@pytest.mark.parametrize("dtype,head_dim,kernel", [(torch.bfloat16, 64, "mma"), (torch.float16, 128, "mma"),
+                                                   (torch.bfloat16, 64, "wmma"), (torch.float32, 16, "mma")])
 def test_padded_nonfinite_keys_are_ignored(emu, dtype, head_dim, kernel):
     with emulated_gpu(CALM_FAST_CUDA_ATTN=kernel):
         check_padded_keys_are_ignored(lambda q, k, v, mask, kpm: attend(emu, q, k, v, mask, kpm)[0], "cpu", dtype,
@@ -99,11 +99,11 @@ def test_mma_and_wmma_kernels_agree_and_unaligned_rows_fall_back(emu):
     aligned (here a pitch of 68 elements) cannot use cp.async/ldmatrix and take the WMMA path."""
     q, k, v, kpm = _attn_inputs((2, 2, 67, 131, 64), "random", torch.bfloat16, seed=5)
     outs = {}
-    for kernel in ("default", "wmma"):
+    for kernel in ("mma", "wmma"):
         with emulated_gpu(CALM_FAST_CUDA_ATTN=kernel):
             outs[kernel] = attend(emu, q, k, v, "aligned", kpm)
-    assert (outs["default"][0].float() - outs["wmma"][0].float()).abs().max() <= 2e-2
-    assert torch.allclose(outs["default"][1], outs["wmma"][1], atol=1e-4)
+    assert (outs["mma"][0].float() - outs["wmma"][0].float()).abs().max() <= 2e-2
+    assert torch.allclose(outs["mma"][1], outs["wmma"][1], atol=1e-4)
     wide = torch.zeros(2, 2, 131, 68, dtype=torch.bfloat16)
     wide[..., :64] = k
     k_unaligned = wide[..., :64]
@@ -121,6 +121,14 @@ def test_attention_does_not_depend_on_thread_order(emu, shape, dtype):
     for seed in (1, 2):
         with emulated_gpu(CF_EMU_SEED=seed):
             assert torch.equal(attend(emu, q, k, v, "aligned", kpm)[0], base), seed
+
+
+def test_attention_kernel_choice_is_checked(emu):
+    q, k, v, kpm = _attn_inputs((1, 1, 5, 9, 64), "none", torch.bfloat16)
+    with emulated_gpu(CALM_FAST_CUDA_ATTN="mma"):
+        attend(emu, q, k, v)
+    with emulated_gpu(CALM_FAST_CUDA_ATTN="WMMA"), pytest.raises(ValueError, match="CALM_FAST_CUDA_ATTN.*'WMMA'"):
+        attend(emu, q, k, v)
 
 
 def test_attention_refuses_head_dims_over_256(emu):

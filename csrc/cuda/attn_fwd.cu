@@ -301,9 +301,13 @@ cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream, std::strin
     *why = "batch and heads must be <= 65535 for the CUDA attention grid";
     return cudaErrorInvalidValue;
   }
-  const char* pick = std::getenv("CALM_FAST_CUDA_ATTN");
-  if (attn_fwd_mma_supported(p) && !(pick != nullptr && std::strcmp(pick, "wmma") == 0))
-    return launch_attn_fwd_mma(p, stream);
+  const char* pick = std::getenv("CALM_FAST_CUDA_ATTN");  // unset / "" / "mma": the default; "wmma"
+  const bool wmma = pick != nullptr && std::strcmp(pick, "wmma") == 0;
+  if (pick != nullptr && *pick != '\0' && !wmma && std::strcmp(pick, "mma") != 0) {
+    *why = std::string("CALM_FAST_CUDA_ATTN must be mma or wmma, got '") + pick + "'";
+    return cudaErrorInvalidValue;
+  }
+  if (attn_fwd_mma_supported(p) && !wmma) return launch_attn_fwd_mma(p, stream);
   const bool tc = p.D == 64 || p.D == 128;
   switch (p.dtype) {
     case CF_BF16:
