@@ -41,9 +41,17 @@ def _unit_inner(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
 def build(*flags: str) -> ctypes.CDLL:
-    """The emulated kernels as a shared library (g++ -DCF_CUDA_EMULATOR), once per process and flags."""
+    """The emulated kernels as a shared library (g++ -DCF_CUDA_EMULATOR), once per process and flags.
+    CF_EMU_SANITIZE=1 builds them with AddressSanitizer + UBSan (scripts/asan_kernels.sh preloads
+    the runtimes): every out-of-bounds access a kernel makes is reported at its source line."""
+    sanitize = ("-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined") \
+        if os.environ.get("CF_EMU_SANITIZE") == "1" else ()
+    return _build(*flags, *sanitize)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(*flags: str) -> ctypes.CDLL:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH (the native build needs one too)")
