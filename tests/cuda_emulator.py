@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from calm_fast.ops.native import _unit_inner  # the kernels need the innermost stride 1
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["csrc/cuda/capi_cuda.cu", "csrc/cuda/decode_step.cu", "csrc/cuda/attn_fwd.cu",
            "csrc/cuda/attn_fwd_mma.cu", "csrc/cuda/emulator/selftest.cu"]
@@ -32,13 +34,6 @@ def _desc(t: torch.Tensor | None):
     n = t.dim()
     return ctypes.byref(CfTensor(t.data_ptr(), DTYPE[t.dtype], n, (ctypes.c_int64 * 4)(*t.shape, *[0] * (4 - n)),
                                  (ctypes.c_int64 * 4)(*t.stride(), *[0] * (4 - n))))
-
-
-def _unit_inner(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernels need the innermost stride to be 1 (as calm_fast/ops/native.py arranges)."""
-    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
 
 
 def build(*flags: str) -> ctypes.CDLL:

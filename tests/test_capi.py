@@ -30,16 +30,20 @@ def _header_functions() -> set[str]:
     return set(re.findall(r"CF_API[^;(]*?\b(cf_\w+)\s*\(", text))
 
 
-@pytest.fixture(scope="module")
-def capi_check(tmp_path_factory) -> Path:
+def _compile_c(src: Path, exe: Path, flags: list[str]) -> Path:
+    """A C11 program as strict as a user's build could be (-Werror -pedantic)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     assert cc is not None, "no C compiler on PATH (the native build needs one too)"
-    exe = tmp_path_factory.mktemp("capi") / "capi_check"
-    cmd = [cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", str(ROOT / "csrc/examples/capi_check.c"),
-           *capi.cflags(), *capi.libs(), "-o", str(exe)]
+    cmd = [cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", str(src), *flags, "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def capi_check(tmp_path_factory) -> Path:
+    return _compile_c(ROOT / "csrc/examples/capi_check.c", tmp_path_factory.mktemp("capi") / "capi_check",
+                      capi.cflags() + capi.libs())
 
 
 def _run(exe: Path, *args) -> subprocess.CompletedProcess:
@@ -181,12 +185,8 @@ def test_standalone_build_without_python_or_cuda(tmp_path):
         assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     libdir = next(p.parent for p in prefix.rglob("libcalm_fast.so"))
     assert (prefix / "include" / "calm_fast.h").is_file()
-    exe = tmp_path / "capi_check"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    done = subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic",
-                           str(ROOT / "csrc/examples/capi_check.c"), f"-I{prefix / 'include'}", f"-L{libdir}",
-                           f"-Wl,-rpath,{libdir}", "-lcalm_fast", "-o", str(exe)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    exe = _compile_c(ROOT / "csrc/examples/capi_check.c", tmp_path / "capi_check",
+                     [f"-I{prefix / 'include'}", f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lcalm_fast"])
     out = _run(exe, "errors").stdout
     assert "cf_decode_workspace_bytes_cuda(1, 4096, 32, 2048) = -1" in out
     assert re.search(r"cf_decode_step_cuda\(workspace = NULL\) -> 5: .*built without CUDA", out), out
@@ -197,12 +197,9 @@ def test_readme_c_example_runs_and_matches_the_reference(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```c\n(.*?)```", readme, re.S)
     assert len(blocks) == 1, "expected exactly one C block in the README"
-    src, exe = tmp_path / "example.c", tmp_path / "example"
+    src = tmp_path / "example.c"
     src.write_text(blocks[0])
-    cc = shutil.which("cc") or shutil.which("gcc")
-    done = subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", str(src), *capi.cflags(),
-                           *capi.libs(), "-o", str(exe)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    exe = _compile_c(src, tmp_path / "example", capi.cflags() + capi.libs())
     lines = _run(exe).stdout.splitlines()
     got = torch.tensor([float(x) for x in lines[0].split()], dtype=torch.float64).reshape(1, 1, 3, 4)
     i = torch.arange(20, dtype=torch.float64)

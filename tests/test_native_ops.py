@@ -310,9 +310,7 @@ def _so_path() -> str:
 
 
 def _desc_struct():
-    class CfTensor(ctypes.Structure):
-        _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("ndim", ctypes.c_int32),
-                    ("shape", ctypes.c_int64 * 4), ("stride", ctypes.c_int64 * 4)]
+    from cuda_emulator import CfTensor  # the cf_tensor of calm_fast.h, as ctypes sees it
     return CfTensor
 
 

@@ -527,11 +527,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
     for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < B * DB; i += int64_t(gridDim.x) * kThreads)
       attn[i] = 0.f;
   float* xs = nullptr;  // staged inputs (CF_DECODE_X_SMEM)
+  const StageLayout sl(B, DB, DA);
   if constexpr (kStageBuild) {
     CF_DYNAMIC_SMEM(stage_raw);
     xs = reinterpret_cast<float*>(stage_raw);
     if (vec.stage) {  // block-uniform
-      const StageLayout sl(B, DB, DA);
       for (int64_t i = threadIdx.x; i < B * DB; i += kThreads) xs[i] = to_f(h_b[(i / DB) * p.shb + i % DB]);
       if (append) {
         const T* h_a = static_cast<const T*>(p.h_a);
@@ -561,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
         const int64_t* cs = rr < DB ? p.skc : p.svc;
         const T* w = static_cast<const T*>(p.w_kv) + rr * p.swkv;
         if constexpr (kStageBuild)
-          if (vec.stage) rows_dot<T, float, true>(w, xs + StageLayout(B, DB, DA).a_offset + b0 * DA, DA, nb, DA, lane, vec.kv, acc);
+          if (vec.stage) rows_dot<T, float, true>(w, xs + sl.a_offset + b0 * DA, DA, nb, DA, lane, vec.kv, acc);
         if (!(kStageBuild && vec.stage))
           rows_dot<T, T>(w, static_cast<const T*>(p.h_a) + b0 * p.sha, p.sha, nb, DA, lane, vec.kv, acc);
 #pragma unroll
