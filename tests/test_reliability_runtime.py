@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from calm_fast import CALM, Decoder, DecoderConfig, generate, stream
+from calm_fast import CALM, Decoder, DecoderConfig, generate, ops, stream
 
 torch.set_num_threads(1)
 CFG = dict(vocab_size=32, dim=16, n_layers=2, n_heads=2, max_seq_len=12)
@@ -148,3 +148,84 @@ def test_nan_weights_do_not_hang_or_crash(models):
     assert out.shape == (1, 6) and int(out.min()) >= 0 and int(out.max()) < 32
     with pytest.raises(RuntimeError):
         generate(model, [[1, 2]], max_new_tokens=2, temperature=1.0)
+
+
+# ------------------------------------------------ the bridge ops: one check for every backend
+
+def _decode_args(b=2, h=4, d_b=32, d_a=16, s=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    return dict(h_b=r(b, 1, d_b), h_a=r(b, 1, d_a), w_q=r(d_b, d_b), w_kv=r(2 * d_b, d_a), b_kv=r(2 * d_b),
+                w_o=r(d_b, d_b), k_cache=torch.zeros(b, h, s, d_b // h), v_cache=torch.zeros(b, h, s, d_b // h),
+                pos=2, n_heads=h, key_padding_mask=None)
+
+
+BAD_DECODE = [
+    (dict(h_a=torch.randn(1, 1, 16)), ValueError, r"h_a must be \(B, 1, D_A\) with B=2"),
+    (dict(h_b=torch.randn(1, 1, 32)), ValueError, "k_cache must have shape"),
+    (dict(key_padding_mask=torch.ones(2, 1, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, S\)"),
+    (dict(key_padding_mask=torch.ones(2, 8)), TypeError, "key_padding_mask must be a bool"),
+    (dict(pos=True), TypeError, "pos must be an int"),
+    (dict(pos=2.0), TypeError, "pos must be an int"),
+    (dict(pos=8), ValueError, "pos=8 is outside"),
+    (dict(n_heads=0), ValueError, "n_heads must be a positive int"),
+    (dict(n_heads=True), ValueError, "n_heads must be a positive int"),
+    (dict(n_heads=3), ValueError, "not a multiple of n_heads=3"),
+    (dict(h_a=torch.randn(2, 1, 16, dtype=torch.float64)), TypeError, "h_a has dtype torch.float64"),
+    (dict(w_kv=torch.randn(64, 15)), ValueError, "w_kv must have shape"),
+    (dict(w_q=torch.randn(32, 16)), ValueError, "w_q must have shape"),
+]
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+@pytest.mark.parametrize("bad,exc,match", BAD_DECODE)
+def test_decode_step_checks_inputs_on_every_backend(backend, bad, exc, match):
+    """Regression: the reference and sdpa backends broadcast a batch-1 h_a over a batch-2 cache,
+    a (B, 1) mask over (B, S) rows, took pos=True as 1 and divided by n_heads=0."""
+    args = {**_decode_args(), **bad}
+    k_before = args["k_cache"].clone()
+    with pytest.raises(exc, match=match):
+        ops.bridge_decode_step(**args, backend=backend)
+    assert torch.equal(args["k_cache"], k_before), "a refused decode step wrote into the cache"
+
+
+def test_decode_step_accepts_good_inputs():
+    for backend in ops.available_backends("cpu"):
+        args = _decode_args()
+        assert ops.bridge_decode_step(**args, backend=backend).shape == (2, 1, 32)
+        args = {**_decode_args(), "h_a": None, "w_kv": None, "b_kv": None, "pos": 8}  # context mode
+        assert ops.bridge_decode_step(**args, backend=backend).shape == (2, 1, 32)
+
+
+def _forward_args(b=1, t=3, d_b=8, d_a=4):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return dict(h_b=r(b, t, d_b), h_a=r(b, t, d_a), w_proj=r(d_b, d_a), b_proj=r(d_b), w_q=r(d_b, d_b),
+                w_k=r(d_b, d_b), w_v=r(d_b, d_b), w_o=r(d_b, d_b), n_heads=2)
+
+
+BAD_FORWARD = [
+    (dict(residual=torch.randn(3, 3, 8)), ValueError, r"residual must have shape \(1, 3, 8\)"),
+    (dict(n_heads=0), ValueError, "n_heads must be a positive int"),
+    (dict(n_heads=3), ValueError, "not a multiple of n_heads=3"),
+    (dict(h_a=torch.randn(2, 3, 4)), ValueError, "h_a batch 2 differs from h_b batch 1"),
+    (dict(w_proj=torch.randn(8, 5)), ValueError, "w_proj must have shape"),
+    (dict(h_b=torch.ones(1, 3, 8, dtype=torch.long)), TypeError, "h_b must be a floating-point"),
+]
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+@pytest.mark.parametrize("bad,exc,match", BAD_FORWARD)
+def test_bridge_forward_checks_inputs(backend, bad, exc, match):
+    """Regression: a batch-3 residual broadcast a batch-1 bridge; n_heads=0 raised
+    ZeroDivisionError, n_heads=3 a reshape RuntimeError."""
+    with pytest.raises(exc, match=match):
+        ops.bridge_forward(**{**_forward_args(), **bad}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ops.available_backends("cpu"))
+def test_cross_attention_head_dim_zero_is_refused(backend):
+    """Regression: the reference backend raised ZeroDivisionError, sdpa returned an empty tensor."""
+    q = torch.randn(1, 1, 2, 0)
+    with pytest.raises(ValueError, match="head dim must be > 0"):
+        ops.cross_attention(q, q, q, "aligned", None, backend)

@@ -101,16 +101,103 @@ def _check_attention_inputs(q, k, v, mask, key_padding_mask) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch, heads or head dim")
+    if q.shape[3] == 0:
+        raise ValueError(f"head dim must be > 0, got q shape {tuple(q.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if mask == "aligned" and q.shape[2] > k.shape[2]:
         raise ValueError(f"aligned mask needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must have shape (B, Tk)={(k.shape[0], k.shape[2])}, "
-                             f"got {tuple(key_padding_mask.shape)}")
+    _check_key_padding_mask(key_padding_mask, (k.shape[0], k.shape[2]), q.device, "(B, Tk)")
+
+
+def _check_key_padding_mask(kpm, shape: tuple, device: torch.device, what: str) -> None:
+    if kpm is None:
+        return
+    if not isinstance(kpm, torch.Tensor) or kpm.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor, got "
+                        f"{getattr(kpm, 'dtype', type(kpm).__name__)}")
+    if tuple(kpm.shape) != tuple(shape):
+        raise ValueError(f"key_padding_mask must have shape {what}={tuple(shape)}, got {tuple(kpm.shape)}")
+    if kpm.device != device:
+        raise ValueError(f"key_padding_mask is on {kpm.device}, expected {device}")
+
+
+def _check_n_heads(n_heads, d_b: int, what: str) -> int:
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
+        raise ValueError(f"{what}: n_heads must be a positive int, got {n_heads!r}")
+    if d_b % n_heads:
+        raise ValueError(f"{what}: D_B={d_b} is not a multiple of n_heads={n_heads}")
+    return d_b // n_heads
+
+
+def _check_tensor(what: str, name: str, t, shape: tuple | None = None, dims: int | None = None,
+                  like: torch.Tensor | None = None) -> None:
+    """t is a floating-point tensor of `shape` (or of `dims` dims); with `like`, on its device
+    and of its dtype. Shapes only: nothing here reads tensor data (no device sync)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{what}: {name} must be a floating-point tensor, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{what}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{what}: {name} is on {t.device}, expected {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{what}: {name} has dtype {t.dtype}, expected {like.dtype} (h_b's)")
+
+
+def _check_bridge_forward(h_b, h_a, w_proj, b_proj, w_q, w_k, w_v, w_o, n_heads, residual) -> None:
+    what = "bridge_forward"
+    _check_tensor(what, "h_b", h_b, dims=3)
+    _check_tensor(what, "h_a", h_a, dims=3)
+    b, _, d_b = h_b.shape
+    d_a = h_a.shape[2]
+    if h_a.shape[0] != b:
+        raise ValueError(f"{what}: h_a batch {h_a.shape[0]} differs from h_b batch {b} "
+                         f"(h_b {tuple(h_b.shape)}, h_a {tuple(h_a.shape)})")
+    _check_n_heads(n_heads, d_b, what)
+    # Weights are not tied to the activations' dtype here: under autocast they differ.
+    _check_tensor(what, "w_proj", w_proj, (d_b, d_a))
+    _check_tensor(what, "b_proj", b_proj, (d_b,))
+    for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_o", w_o)):
+        _check_tensor(what, name, w, (d_b, d_b))
+    if residual is not None:
+        _check_tensor(what, "residual", residual, tuple(h_b.shape))
+
+
+def _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm) -> None:
+    """The same checks for every backend (the native ones check again, in their own terms):
+    shapes, batch, heads, dtypes and devices (all h_b's: the caches are written in place),
+    pos an int inside the cache, the key padding mask (B, S) bool."""
+    what = "bridge_decode_step"
+    _check_tensor(what, "h_b", h_b)
+    if h_b.dim() != 3 or h_b.shape[1] != 1:
+        raise ValueError(f"h_b must be (B, 1, D_B) for a decode step, got {tuple(h_b.shape)}")
+    if isinstance(pos, bool) or not isinstance(pos, (int, torch.SymInt)):
+        raise TypeError(f"{what}: pos must be an int, got {type(pos).__name__}")
+    bsz, _, d_b = h_b.shape
+    hd = _check_n_heads(n_heads, d_b, what)
+    _check_tensor(what, "w_q", w_q, (d_b, d_b), like=h_b)
+    _check_tensor(what, "w_o", w_o, (d_b, d_b), like=h_b)
+    _check_tensor(what, "k_cache", k_cache, dims=4, like=h_b)
+    s = k_cache.shape[2]
+    _check_tensor(what, "k_cache", k_cache, (bsz, n_heads, s, hd))
+    _check_tensor(what, "v_cache", v_cache, (bsz, n_heads, s, hd), like=h_b)
+    if h_a is not None:
+        _check_tensor(what, "h_a", h_a, dims=3, like=h_b)
+        if tuple(h_a.shape[:2]) != (bsz, 1):
+            raise ValueError(f"{what}: h_a must be (B, 1, D_A) with B={bsz}, got {tuple(h_a.shape)}")
+        d_a = h_a.shape[2]
+        _check_tensor(what, "w_kv", w_kv, (2 * d_b, d_a), like=h_b)
+        _check_tensor(what, "b_kv", b_kv, (2 * d_b,), like=h_b)
+    if not 0 <= pos < s + (h_a is None):
+        raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    _check_key_padding_mask(kpm, (bsz, s), h_b.device, "(B, S)")
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "aligned",
@@ -127,6 +214,7 @@ def bridge_forward(h_b: torch.Tensor, h_a: torch.Tensor, w_proj: torch.Tensor, b
                    backend: str = "auto", residual: torch.Tensor | None = None) -> torch.Tensor:
     """residual + W_o Attn(h_b W_q, P(h_a) W_k, P(h_a) W_v), the attention on `backend`;
     residual defaults to h_b (see reference.bridge_forward)."""
+    _check_bridge_forward(h_b, h_a, w_proj, b_proj, w_q, w_k, w_v, w_o, n_heads, residual)
     k, v = project_kv(h_a, w_proj, b_proj, w_k, w_v)
     q = torch.nn.functional.linear(h_b, w_q)
     attn = cross_attention(split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads),
@@ -141,11 +229,8 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
                        key_padding_mask: torch.Tensor | None = None,
                        backend: str = "auto") -> torch.Tensor:
     """Append the new augment row's K/V to the cache (aligned mode) and attend; see reference.py."""
-    if h_b.dim() != 3 or h_b.shape[1] != 1:
-        raise ValueError(f"h_b must be (B, 1, D_B) for a decode step, got {tuple(h_b.shape)}")
-    s = k_cache.shape[2]
-    if not 0 <= pos < s + (h_a is None):
-        raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                         key_padding_mask)
     mod = resolve_backend(backend, "bridge_decode_step", h_b.device, h_b.dtype)
     return mod.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
                                   key_padding_mask)
