@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,7 @@ FORMAT = "calm_fast.onnx/1"
 MANIFEST = "calm_onnx.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
 
 
 class ExportDirError(ValueError):
@@ -58,6 +60,14 @@ def _load_manifest(export_dir: Path) -> dict:
     if manifest.get("mode") == "context" and "context" not in manifest["graphs"]:
         raise ExportDirError(f"{path}: context-mode export lists no 'context' graph")
     return manifest
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -107,18 +117,24 @@ class _Graph:
         sym: dict[str, tuple[int, str]] = {}
         for name, spec in self.inputs.items():
             value = feeds[name]
-            if not isinstance(value, np.ndarray):
-                continue  # device-resident OrtValues come from this runtime's own outputs
-            if value.dtype != _NP[spec["dtype"]]:
-                raise ValueError(f"input {name} must be {spec['dtype']}, got {value.dtype}")
-            if value.ndim != len(spec["shape"]):
+            if isinstance(value, np.ndarray):
+                dtype, shape, dtype_ok = value.dtype, tuple(value.shape), value.dtype == _NP[spec["dtype"]]
+            elif isinstance(value, ort.OrtValue):  # e.g. device-resident presents of a previous run
+                dtype, shape = value.data_type(), tuple(value.shape())
+                dtype_ok = dtype == _ORT_TYPES[spec["dtype"]]
+            else:
+                raise TypeError(f"input {name} must be a numpy array or an onnxruntime OrtValue, "
+                                f"got {type(value).__module__}.{type(value).__name__}")
+            if not dtype_ok:
+                raise ValueError(f"input {name} must be {spec['dtype']}, got {dtype}")
+            if len(shape) != len(spec["shape"]):
                 raise ValueError(f"input {name} must have rank {len(spec['shape'])} "
-                                 f"{tuple(spec['shape'])}, got shape {value.shape}")
-            for axis, (want, got) in enumerate(zip(spec["shape"], value.shape)):
+                                 f"{tuple(spec['shape'])}, got shape {shape}")
+            for axis, (want, got) in enumerate(zip(spec["shape"], shape)):
                 if isinstance(want, int):
                     if got != want:
                         raise ValueError(f"input {name} must have shape {tuple(spec['shape'])}, got "
-                                         f"{value.shape} (axis {axis} must be {want})")
+                                         f"{shape} (axis {axis} must be {want})")
                 elif want in sym and sym[want][0] != got:
                     raise ValueError(f"input {name} has {want}={got} on axis {axis}, but "
                                      f"{sym[want][1]} has {want}={sym[want][0]}")
@@ -205,8 +221,13 @@ class OrtGenerator:
     """Batched greedy or sampled generation over a calm_fast ONNX export directory."""
 
     def __init__(self, export_dir, provider: str = "cpu", *, threads: int | None = None):
-        if provider not in PROVIDERS:
+        if not isinstance(provider, str) or provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        if threads is not None and not _is_int(threads):
+            raise TypeError(f"threads must be an int or None, got {type(threads).__name__} {threads!r}")
+        if threads is not None and threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = ONNX Runtime's default), got {threads}")
+        threads = None if threads is None else int(threads)
         ep = PROVIDERS[provider]
         available = ort.get_available_providers()
         if ep not in available:
@@ -297,9 +318,26 @@ class OrtGenerator:
         return out["logits"], State(past, state.static, mask)
 
     def run(self, feeds: dict) -> dict:
-        """Low level: one run of model.onnx on numpy feeds (checked against the manifest);
-        every output comes back as numpy."""
+        """Low level: one run of model.onnx on numpy (or OrtValue) feeds, checked as prefill()
+        and step() check theirs: names, dtypes, shapes, token ids in range, total length within
+        max_seq_len. Every output comes back as numpy."""
+        if not isinstance(feeds, dict):
+            raise TypeError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
         self.model.check(feeds)
+        ids = feeds["input_ids"]
+        if isinstance(ids, ort.OrtValue) and ids.device_name().lower() == "cpu":
+            ids = ids.numpy()
+        if isinstance(ids, np.ndarray) and ids.size:
+            # ONNX Gather wraps negative ids (-1 = the last row) and fails on ids >= vocab.
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids holds token id {lo if lo < 0 else hi}, out of range for "
+                                 f"vocab_size={self.vocab_size}")
+        mask = feeds["attention_mask"]
+        total = mask.shape[1] if isinstance(mask, np.ndarray) else mask.shape()[1]
+        if self.max_seq_len is not None and total > self.max_seq_len:
+            raise ValueError(f"attention_mask covers {total} positions, more than "
+                             f"max_seq_len={self.max_seq_len}")
         return self.model.run(feeds, keep_on_device=set())
 
     # ---- generation ---------------------------------------------------------------------------
@@ -311,12 +349,15 @@ class OrtGenerator:
         eos_id keep emitting it; the stream ends when all rows are done."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+        if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+            # NaN would sample id 0 every step, inf uniformly: neither is what anyone asked for.
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k <= 0):
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
+        if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if eos_id is not None and not _is_int(eos_id):
+            raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
         if eos_id is not None and not 0 <= eos_id < self.vocab_size:
             raise ValueError(f"eos_id {eos_id} is out of range for vocab_size={self.vocab_size}")
         ids, mask = left_pad(prompts, pad_id)

@@ -173,3 +173,81 @@ def test_wrong_inputs_at_runtime(exported):
         gen.generate([[1], []], max_new_tokens=2)
     # Generation stops at the length limit.
     assert len(gen.generate([[1, 2]], max_new_tokens=6)[0]) == 8
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), True, "1.0", None])
+def test_temperature_must_be_finite(exported, bad):
+    """Audit bug: NaN sampled id 0 at every step and inf sampled uniformly, silently."""
+    gen = og.OrtGenerator(exported[1])
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        gen.generate([[1, 2, 3]], max_new_tokens=2, temperature=bad, seed=0)
+
+
+def test_cli_refuses_nan_temperature(exported, capsys):
+    assert og.main([str(exported[1]), "--prompt", "1,2,3", "--temperature", "nan"]) == 2
+    assert "temperature must be a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,match", [(dict(eos_id=True), "eos_id"), (dict(eos_id=1.5), "eos_id"),
+                                      (dict(top_k=True), "top_k"), (dict(top_p="0.5"), "top_p"),
+                                      (dict(top_p=float("nan")), "top_p")])
+def test_sampling_arguments_are_typed(exported, kw, match):
+    gen = og.OrtGenerator(exported[1])
+    with pytest.raises(ValueError, match=match):
+        gen.generate([[1, 2, 3]], max_new_tokens=2, **kw)
+
+
+def test_threads_argument(exported):
+    """Audit bug: threads="2" was reported as an unloadable export directory; -1 was accepted."""
+    with pytest.raises(TypeError, match="threads must be an int"):
+        og.OrtGenerator(exported[1], threads="2")
+    with pytest.raises(TypeError, match="threads must be an int"):
+        og.OrtGenerator(exported[1], threads=True)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        og.OrtGenerator(exported[1], threads=-1)
+    assert len(og.OrtGenerator(exported[1], threads=1).generate([[1, 2]], 2)[0]) == 4
+
+
+def _run_feeds(gen, ids, past=0):
+    feeds = {"input_ids": np.asarray(ids, np.int64),
+             "attention_mask": np.ones((1, past + len(ids[0])), np.int64)}
+    for s in gen._past_specs:
+        feeds[s["name"]] = np.zeros((1, s["shape"][1], past, s["shape"][3]), np.float32)
+    return feeds
+
+
+def test_run_checks_ids_and_length_like_prefill(exported):
+    """Audit bug: run() let id -1 through (ONNX Gather wraps it to vocab-1: a silent wrong answer),
+    and id == vocab or past + seq > max_seq_len reached ONNX Runtime (a RuntimeError)."""
+    gen = og.OrtGenerator(exported[1])  # vocab 32, max_seq_len 8
+    out = gen.run(_run_feeds(gen, [[1, 2, 3]]))
+    assert out["logits"].shape == (1, 3, 32)
+    for ids, bad in (([[1, 2, -1]], -1), ([[1, 2, 32]], 32)):
+        with pytest.raises(ValueError, match=f"token id {bad}, out of range for vocab_size=32"):
+            gen.run(_run_feeds(gen, ids))
+    with pytest.raises(ValueError, match="attention_mask covers 10 positions, more than max_seq_len=8"):
+        gen.run(_run_feeds(gen, [[1, 2, 3]], past=7))
+    gen.run(_run_feeds(gen, [[1, 2, 3]], past=5))  # exactly max_seq_len runs
+
+
+def test_run_refuses_feeds_that_are_not_arrays(exported):
+    """Audit bug: a list or torch tensor feed skipped every check and failed inside IO binding
+    with AttributeError: '...' object has no attribute '_session'."""
+    import onnxruntime as ort
+    gen = og.OrtGenerator(exported[1])
+    feeds = _run_feeds(gen, [[1, 2, 3]])
+    for value in ([[1, 2, 3]], torch.tensor([[1, 2, 3]]), 3):
+        with pytest.raises(TypeError, match="input_ids must be a numpy array or an onnxruntime OrtValue"):
+            gen.run(dict(feeds, input_ids=value))
+    with pytest.raises(TypeError, match="feeds must be a dict"):
+        gen.run([feeds])
+    # OrtValues are checked too: shape, dtype and token ids.
+    want = gen.run(feeds)["logits"]
+    as_ort = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+    np.testing.assert_array_equal(gen.run(as_ort)["logits"], want)
+    with pytest.raises(ValueError, match="token id -1"):
+        gen.run(dict(as_ort, input_ids=ort.OrtValue.ortvalue_from_numpy(np.array([[1, 2, -1]]))))
+    with pytest.raises(ValueError, match="input_ids must be int64"):
+        gen.run(dict(as_ort, input_ids=ort.OrtValue.ortvalue_from_numpy(np.array([[1, 2, 3]], np.int32))))
+    with pytest.raises(ValueError, match="attention_mask covers 4 positions but past"):
+        gen.run(dict(as_ort, attention_mask=ort.OrtValue.ortvalue_from_numpy(np.ones((1, 4), np.int64))))
