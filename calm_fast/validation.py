@@ -7,8 +7,9 @@ import torch
 def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
+        raise TypeError(f"{name} must hold integer token ids of dtype torch.int64 or torch.int32, "
+                        f"got dtype {tokens.dtype}")
     if tokens.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(tokens.shape)}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:

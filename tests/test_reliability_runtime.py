@@ -29,6 +29,10 @@ BAD_TOKENS = [
     (torch.tensor([[2**40]]), ValueError, "out of range"),
     (torch.tensor([[1.0, 2.0]]), TypeError, "integer"),
     (torch.tensor([[True]]), TypeError, "integer"),
+    # Regression: int16/int8/uint8 ids passed the check, then nn.Embedding raised a RuntimeError.
+    (torch.tensor([[1, 2]], dtype=torch.int16), TypeError, "torch.int64 or torch.int32, got dtype torch.int16"),
+    (torch.tensor([[1, 2]], dtype=torch.int8), TypeError, "got dtype torch.int8"),
+    (torch.tensor([[1, 2]], dtype=torch.uint8), TypeError, "got dtype torch.uint8"),
     (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
     (torch.zeros(0, 3, dtype=torch.long), ValueError, "empty"),
     (torch.tensor([1, 2]), ValueError, "2-D"),
