@@ -16,6 +16,9 @@ class Bridge(nn.Module):
 
     def __init__(self, augment_dim: int, anchor_dim: int, n_heads: int):
         super().__init__()
+        for name, v in (("augment_dim", augment_dim), ("anchor_dim", anchor_dim), ("n_heads", n_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"Bridge {name} must be a positive int, got {v!r}")
         if anchor_dim % n_heads:
             raise ValueError(f"anchor dim {anchor_dim} is not divisible by {n_heads} heads")
         self.n_heads = n_heads

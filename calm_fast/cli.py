@@ -152,13 +152,14 @@ def _setup(args):
 
 
 def _load_calm(bases, bridges, device):
-    from .composed import CALM, CONFIG_FILE
+    from .composed import CALM, read_bridges_config
     from .demo import load_bases
-    from . import checkpoint
+    cfg = read_bridges_config(bridges)  # the config saved with the bridges, not a stale copy
+    if len(cfg.mappings) != 1:
+        raise CLIError(f"{bridges}: the saved composition has {len(cfg.mappings)} augment model mapping(s); "
+                       f"the CLI composes exactly one (m_A into m_B)")
     task, m_A, m_B = load_bases(bases, device)
-    cfg = checkpoint.load_json(Path(bridges) / CONFIG_FILE)
-    mapping = [[tuple(p) for p in m] for m in cfg["mappings"]]
-    calm = CALM(m_B, [m_A], mapping=mapping[0], mode=cfg.get("mode", "aligned")).to(device)
+    calm = CALM(m_B, [m_A], mapping=cfg.mappings[0], mode=cfg.mode).to(device)
     calm.load_bridges(bridges)
     calm.eval()
     return task, m_A, m_B, calm
@@ -191,6 +192,11 @@ def cmd_train(args):
                        pick_device, scale_of, train_base, train_composition)
     from .train import TrainConfig
     job = checkpoint.load_json(args.config)
+    if not isinstance(job, dict):
+        raise CLIError(f"{args.config}: a job file must hold a JSON object, got a JSON {type(job).__name__}")
+    for key in ("train", "task"):
+        if key in job and not isinstance(job[key], dict):
+            raise CLIError(f"{args.config}: {key!r} must be a JSON object of fields, got {job[key]!r}")
     kind = job.get("job")
     out = job.get("out")
     if not out:

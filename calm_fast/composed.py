@@ -1,9 +1,13 @@
 """CALM: a frozen anchor, frozen augmenting model(s), and the trainable bridges between them."""
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
 from torch import nn
 
 from . import checkpoint, ops
@@ -14,6 +18,9 @@ from .validation import check_attention_mask, check_tokens
 
 BRIDGES_FILE = "bridges.safetensors"
 CONFIG_FILE = "calm_config.json"
+# Key of the composition config (JSON) in bridges.safetensors' metadata: the tensors and the
+# config they belong to are one file, replaced atomically; calm_config.json is a readable copy.
+CONFIG_META = "calm_fast.calm_config"
 
 
 def default_mapping(n_augment: int, n_anchor: int) -> list[tuple[int, int]]:
@@ -49,6 +56,48 @@ def check_mapping(mapping, n_augment: int, n_anchor: int) -> list[tuple[int, int
     return pairs
 
 
+def read_bridges(directory) -> tuple[CompositionConfig, dict[str, torch.Tensor], Path]:
+    """(config, tensors, where the config came from) of a directory written by save_bridges.
+
+    The config is the one stored inside bridges.safetensors (read in the same single read as
+    the tensors, so they are always from one save). calm_config.json is only a readable copy:
+    when it disagrees (a save stopped between its two writes), a warning says so and the
+    embedded config is used. Files written before the config was embedded (no metadata) are
+    read with calm_config.json, as they always were."""
+    directory = Path(directory)
+    path = directory / BRIDGES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"missing safetensors file: {path}")
+    data = path.read_bytes()
+    try:
+        tensors = st_load_bytes(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    embedded = (header.get("__metadata__") or {}).get(CONFIG_META)
+    copy_path = directory / CONFIG_FILE
+    if embedded is None:  # the older format: the config lives in calm_config.json only
+        return CompositionConfig.from_dict(checkpoint.load_json(copy_path)), tensors, copy_path
+    try:
+        cfg = CompositionConfig.from_dict(json.loads(embedded))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path}: the composition config in its metadata is invalid ({e})") from None
+    try:
+        copy = checkpoint.load_json(copy_path) if copy_path.is_file() else None
+        copy = None if copy is None else CompositionConfig.from_dict(copy).to_dict()
+    except (ValueError, TypeError):
+        copy = "unreadable"
+    if copy is not None and copy != cfg.to_dict():
+        warnings.warn(f"{copy_path} differs from the composition config stored in {path} (a save "
+                      f"stopped between its two writes?); using the one in {path.name}", stacklevel=3)
+    return cfg, tensors, path
+
+
+def read_bridges_config(directory) -> CompositionConfig:
+    """The composition config of a directory written by save_bridges (see read_bridges)."""
+    return read_bridges(directory)[0]
+
+
 class CALM(nn.Module):
     """anchor + augment(s) + bridges. `mapping`: None (paper default for every augment), a list
     of pairs (one augment model) or a list of such lists (one per augment model)."""
@@ -67,6 +116,11 @@ class CALM(nn.Module):
             if aug.cfg.vocab_size != anchor.cfg.vocab_size:
                 raise ValueError(f"augment model {i} has vocab_size {aug.cfg.vocab_size} but the anchor has "
                                  f"{anchor.cfg.vocab_size}: CALM needs one shared tokenizer")
+            w_b, w_a = anchor.tok_emb.weight, aug.tok_emb.weight
+            if w_a.dtype != w_b.dtype or w_a.device != w_b.device:
+                raise ValueError(f"augment model {i} is {w_a.dtype} on {w_a.device} but the anchor is "
+                                 f"{w_b.dtype} on {w_b.device}: build the CALM from models of one dtype "
+                                 f"and device (convert the whole CALM with .to() afterwards)")
         self.anchor = anchor
         self.augments = nn.ModuleList(augments)
         self.mode, self.backend = mode, backend
@@ -83,8 +137,10 @@ class CALM(nn.Module):
         n_b = self.anchor.cfg.n_layers
         if mapping is None:
             return [default_mapping(a.cfg.n_layers, n_b) for a in self.augments]
+        # One list per augment model (None = the default for that one), or one list of pairs.
         nested = isinstance(mapping, (list, tuple)) and len(mapping) > 0 and \
-            all(isinstance(m, (list, tuple)) and len(m) > 0 and isinstance(m[0], (list, tuple)) for m in mapping)
+            all(m is None or (isinstance(m, (list, tuple)) and len(m) > 0 and isinstance(m[0], (list, tuple)))
+                for m in mapping)
         per_aug = list(mapping) if nested else [mapping]
         if len(per_aug) != len(self.augments):
             raise ValueError(f"{len(per_aug)} mappings given for {len(self.augments)} augment models")
@@ -108,20 +164,29 @@ class CALM(nn.Module):
                                  augment_dims=[a.cfg.dim for a in self.augments])
 
     def save_bridges(self, directory) -> None:
-        """Θ_C only: bridges.safetensors + calm_config.json, each written atomically."""
+        """Θ_C only: bridges.safetensors, whose metadata holds the composition config, written
+        atomically (temp file + rename: the one commit point of a save), then calm_config.json,
+        a readable copy that loading does not rely on. A crash at any point leaves a directory
+        whose bridges.safetensors is one whole save, tensors and config together."""
         directory = Path(directory)
-        checkpoint.save_tensors(directory / BRIDGES_FILE, dict(self.bridges.state_dict()))
-        checkpoint.save_json(directory / CONFIG_FILE, self.config.to_dict())
+        cfg = self.config.to_dict()
+        checkpoint.save_tensors(directory / BRIDGES_FILE, dict(self.bridges.state_dict()),
+                                metadata={CONFIG_META: json.dumps(cfg, sort_keys=True)})
+        checkpoint.save_json(directory / CONFIG_FILE, cfg)
 
     def load_bridges(self, directory) -> None:
+        """Load Θ_C saved by save_bridges; refuses a composition that differs from this one
+        (mode, mappings, widths, heads) or tensors of the wrong names or shapes."""
         directory = Path(directory)
-        cfg = CompositionConfig.from_dict(checkpoint.load_json(directory / CONFIG_FILE))
+        cfg, tensors, where = read_bridges(directory)
         mine = self.config
+        if cfg.mode != mine.mode:
+            raise ValueError(f"{where}: the bridges were trained in {cfg.mode!r} mode, this CALM is in "
+                             f"{mine.mode!r} mode")
         if cfg.mappings != mine.mappings or cfg.augment_dims != mine.augment_dims or \
                 cfg.anchor_dim != mine.anchor_dim or cfg.anchor_heads != mine.anchor_heads:
-            raise ValueError(f"{directory / CONFIG_FILE}: saved composition {cfg.to_dict()} does not match "
+            raise ValueError(f"{where}: saved composition {cfg.to_dict()} does not match "
                              f"this model's {mine.to_dict()}")
-        tensors = checkpoint.load_tensors(directory / BRIDGES_FILE)
         expected = self.bridges.state_dict()
         checkpoint.check_shapes(directory / BRIDGES_FILE, tensors, expected)
         self.bridges.load_state_dict(tensors)
@@ -168,6 +233,7 @@ class CALM(nn.Module):
             aug_mask, mask = (attention_mask, "aligned") if self.mode == "aligned" else (context_mask, "context")
         else:
             aug_tokens, aug_mask, mask = self._augment_input(tokens, attention_mask, context, context_mask)
+            self._check_dtypes()
             states = self.augment_states(aug_tokens, aug_mask)
 
         def inject(anchor_layer, entries):
@@ -181,6 +247,17 @@ class CALM(nn.Module):
 
         after = {layer: inject(layer, e) for layer, e in self._by_anchor_layer().items()}
         return self.anchor(tokens, attention_mask, after_block=after, validate=False)
+
+    def _check_dtypes(self) -> None:
+        """Anchor and augments of one dtype (one of them converted after construction fails
+        deep inside a matmul otherwise); under autocast the matmuls cast, so any mix runs."""
+        w = self.anchor.tok_emb.weight
+        if torch.is_autocast_enabled(w.device.type):
+            return
+        for i, aug in enumerate(self.augments):
+            if aug.tok_emb.weight.dtype != w.dtype:
+                raise ValueError(f"augment model {i} is {aug.tok_emb.weight.dtype} but the anchor is {w.dtype}: "
+                                 f"convert the whole CALM with .to() (or run under torch.autocast)")
 
     def _check_states(self, states, tokens, context_mask):
         """Given augment states: one {augment layer: (B, T_a, D_A)} per augment model, T_a = T
@@ -212,6 +289,10 @@ class CALM(nn.Module):
         if self.mode == "aligned":
             if context is not None:
                 raise ValueError("context was given but the CALM is in 'aligned' mode (both models read tokens)")
+            for i, aug in enumerate(self.augments):
+                if tokens.shape[1] > aug.cfg.max_seq_len:
+                    raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds augment model {i}'s "
+                                     f"max_seq_len={aug.cfg.max_seq_len} (aligned mode: it reads the same tokens)")
             return tokens, attention_mask, "aligned"
         if context is None:
             raise ValueError("CALM in 'context' mode needs context=... tokens for the augment models")
@@ -237,7 +318,15 @@ class CALMSession:
     def __init__(self, calm: CALM, batch: int, max_len: int, *, context=None, context_mask=None,
                  dtype=None):
         self.calm = calm
-        dtype = dtype or calm.anchor.tok_emb.weight.dtype
+        own = calm.anchor.tok_emb.weight.dtype
+        if dtype is not None and dtype != own:
+            raise ValueError(f"session dtype must be the CALM's dtype {own}, got {dtype!r} (to decode in "
+                             f"another floating dtype, convert the CALM with .to())")
+        dtype = own
+        for i, aug in enumerate(calm.augments):
+            if aug.tok_emb.weight.dtype != own:
+                raise ValueError(f"augment model {i} is {aug.tok_emb.weight.dtype} but the anchor is {own}: "
+                                 f"convert the whole CALM with .to()")
         self.anchor_cache = calm.anchor.setup_cache(batch, max_len, dtype)
         self.table = calm._by_anchor_layer()
         self.context_mask = None

@@ -44,7 +44,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class StaticKVCache:
-    """Preallocated per-layer K/V (B, n_kv, S, d), written in place at the decode position."""
+    """Preallocated per-layer K/V (B, n_kv, S, d), written in place at the decode position.
+    `filled`: how many positions hold tokens (the end of the last write); a forward may
+    write at pos <= filled (pos < filled rewrites from there on), never past a gap."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -52,11 +54,13 @@ class StaticKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.batch, self.max_len = batch, max_len
+        self.filled = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
         t = k.shape[2]
         self.k[layer][:, :, pos:pos + t] = k
         self.v[layer][:, :, pos:pos + t] = v
+        self.filled = pos + t
         return self.k[layer][:, :, :pos + t], self.v[layer][:, :, :pos + t]
 
 
@@ -214,11 +218,21 @@ class Decoder(nn.Module):
     def setup_cache(self, batch_size: int, max_len: int | None = None,
                     dtype: torch.dtype | None = None) -> StaticKVCache:
         """Allocate the static KV cache for `batch_size` sequences of up to `max_len` tokens."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"cache batch size must be a positive int, got {batch_size!r}")
         max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int):
+            raise ValueError(f"cache length must be an int, got {max_len!r}")
         if not 0 < max_len <= self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        own = self.tok_emb.weight.dtype
+        if dtype is not None and dtype != own:
+            # The attention reads the cache with this model's activations: one dtype for both
+            # (convert the model with .to(dtype) instead).
+            raise ValueError(f"cache dtype must be the model's dtype {own}, got {dtype!r} (to decode in "
+                             f"another floating dtype, convert the model with .to())")
         self.cache = StaticKVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len,
-                                   self.cfg.head_dim, dtype or self.tok_emb.weight.dtype, self.device)
+                                   self.cfg.head_dim, own, self.device)
         return self.cache
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -247,6 +261,16 @@ class Decoder(nn.Module):
             if cache is not None and getattr(cache, "batch", tokens.shape[0]) != tokens.shape[0]:
                 raise ValueError(f"batch of {tokens.shape[0]} does not match the cache's batch "
                                  f"of {cache.batch}")
+            filled = getattr(cache, "filled", None)
+            if filled is not None and pos > filled:
+                raise ValueError(f"pos={pos} leaves a gap: the cache holds {filled} token(s), so the next "
+                                 f"tokens go at pos <= {filled} (pos < {filled} rewrites from there)")
+            if cache is None and pos != 0:
+                raise ValueError(f"pos={pos} without a cache: pos counts the tokens already in a cache, "
+                                 f"so it must be 0 when none is given")
+        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                       or not 0 <= stop_after < self.cfg.n_layers):
+            raise ValueError(f"stop_after must be a block index in [0, {self.cfg.n_layers}), got {stop_after!r}")
         b, t = tokens.shape
         positions = positions_from_mask(attention_mask, b, t, pos, tokens.device)
         h = self.tok_emb(tokens)

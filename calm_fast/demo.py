@@ -61,10 +61,23 @@ def model_config(task: KVArith, role: str, scale: str) -> DecoderConfig:
                          **shape)
 
 
-def pick_device(name: str | None) -> torch.device:
+def pick_device(name: str | torch.device | None) -> torch.device:
+    """"auto"/None: cuda when available, else cpu; else "cpu", "cuda" or "cuda:N", which must
+    exist here (a ValueError naming the value otherwise, never torch's assertion)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 # ---- bases ---------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype not in (torch.int64, torch.int32):  # what nn.Embedding indexes with
-        raise TypeError(f"{name} must hold integer token ids of dtype torch.int64 or torch.int32, "
-                        f"got dtype {tokens.dtype}")
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tokens.dtype} "
+                        f"(expected torch.int64 or torch.int32)")
     if tokens.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(tokens.shape)}")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:

@@ -64,3 +64,30 @@ def test_generate_with_tiny_bases(tmp_path, capsys):
     assert out.startswith("3 + 4 =")
     assert main(["generate", "3 + ??? =", "--bases", str(tmp_path)]) == 2
     assert "unknown word" in capsys.readouterr().err
+
+
+def test_malformed_inputs_are_one_line_errors(tmp_path, capsys):
+    """Regression: a job file holding a JSON list raised AttributeError, --device cuda on a
+    machine without CUDA an AssertionError, --device bogus a RuntimeError, and a bridges
+    directory whose config holds no mapping an IndexError: all tracebacks, exit 1."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    job = tmp_path / "list.json"
+    job.write_text("[1, 2]")
+    bridges = tmp_path / "br"
+    bridges.mkdir()
+    save_file({"x": torch.zeros(1)}, str(bridges / "bridges.safetensors"))  # the older format
+    (bridges / "calm_config.json").write_text(json.dumps(
+        {"mode": "aligned", "mappings": [], "anchor_dim": 0, "anchor_heads": 0, "augment_dims": []}))
+    cases = [(["train", "--config", str(job)], "must hold a JSON object, got a JSON list"),
+             (["generate", "1", "--device", "bogus"], "device must be cpu, cuda, cuda:N or auto, got 'bogus'"),
+             (["generate", "1", "--bridges", str(bridges)], "has 0 augment model mapping(s)"),
+             (["generate", "1", "--bridges", str(tmp_path / "none")], "missing safetensors file")]
+    if not torch.cuda.is_available():
+        cases.append((["generate", "1", "--device", "cuda"], "CUDA is not available"))
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, (argv, err)

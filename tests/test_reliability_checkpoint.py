@@ -266,3 +266,82 @@ def test_atomic_write_leaves_the_old_file_on_error(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load_json(path) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# -------------------------------------------------------------- Θ_C (save_bridges)
+
+def _bridged_calm(mapping, seed, mode="aligned"):
+    from calm_fast import CALM, Decoder, DecoderConfig
+    torch.manual_seed(0)
+    anchor = Decoder(DecoderConfig(vocab_size=31, dim=16, n_layers=4, n_heads=4, max_seq_len=16))
+    aug = Decoder(DecoderConfig(vocab_size=31, dim=8, n_layers=4, n_heads=2, max_seq_len=16))
+    calm = CALM(anchor, [aug], mapping=mapping, mode=mode)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in calm.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return calm
+
+
+def _same_bridges(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.bridges.state_dict().values(), b.bridges.state_dict().values()))
+
+
+@pytest.mark.filterwarnings("ignore:.*calm_config.json differs")
+@pytest.mark.parametrize("stop", ["before_bridges_rename", "between_files"])
+def test_interrupted_save_bridges_never_pairs_new_bridges_with_an_old_config(tmp_path, monkeypatch, stop):
+    """Regression: save_bridges wrote bridges.safetensors and calm_config.json as two atomic
+    files; killed between them, the old-mapping model loaded the new model's bridges silently.
+    Now the config lives inside bridges.safetensors: whatever the stop, the directory loads as
+    exactly one whole save, and a model of the other composition is refused."""
+    from calm_fast import checkpoint
+    from calm_fast.composed import read_bridges_config
+    old = _bridged_calm([(1, 1)], seed=1)
+    old.save_bridges(tmp_path)
+    new = _bridged_calm([(3, 1)], seed=2)
+    real_write = checkpoint.atomic_write_bytes
+    calls = []
+
+    def killed(path, data):
+        calls.append(Path(path).name)
+        if stop == "before_bridges_rename" or Path(path).name == "calm_config.json":
+            raise KeyboardInterrupt("killed")
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_bridges(tmp_path)
+    monkeypatch.undo()
+    survivor, other = (old, new) if stop == "before_bridges_rename" else (new, old)
+    assert read_bridges_config(tmp_path).mappings == survivor.config.mappings
+    with pytest.raises(ValueError, match="does not match"):
+        _bridged_calm(other.config.mappings[0], seed=3).load_bridges(tmp_path)
+    fresh = _bridged_calm(survivor.config.mappings[0], seed=3)
+    if stop == "between_files":
+        with pytest.warns(UserWarning, match="calm_config.json differs"):
+            fresh.load_bridges(tmp_path)
+    else:
+        fresh.load_bridges(tmp_path)
+    assert _same_bridges(fresh, survivor)
+
+
+def test_load_bridges_refuses_another_mode(tmp_path):
+    """Regression: context-mode bridges loaded into an aligned-mode CALM without a word."""
+    _bridged_calm([(3, 1)], seed=1, mode="context").save_bridges(tmp_path)
+    with pytest.raises(ValueError, match="trained in 'context' mode, this CALM is in 'aligned' mode"):
+        _bridged_calm([(3, 1)], seed=2).load_bridges(tmp_path)
+
+
+def test_load_bridges_reads_the_older_format(tmp_path):
+    """Bridges saved before the config was embedded (plain safetensors + calm_config.json)."""
+    from safetensors.torch import save_file
+    from calm_fast import checkpoint
+    calm = _bridged_calm([(3, 1)], seed=1)
+    save_file({k: v.contiguous() for k, v in calm.bridges.state_dict().items()}, str(tmp_path / "bridges.safetensors"))
+    checkpoint.save_json(tmp_path / "calm_config.json", calm.config.to_dict())
+    fresh = _bridged_calm([(3, 1)], seed=2)
+    fresh.load_bridges(tmp_path)
+    assert _same_bridges(fresh, calm)
+    checkpoint.save_json(tmp_path / "calm_config.json", {**calm.config.to_dict(), "mode": "context"})
+    with pytest.raises(ValueError, match="'context' mode"):
+        fresh.load_bridges(tmp_path)

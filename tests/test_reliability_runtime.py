@@ -30,7 +30,7 @@ BAD_TOKENS = [
     (torch.tensor([[1.0, 2.0]]), TypeError, "integer"),
     (torch.tensor([[True]]), TypeError, "integer"),
     # Regression: int16/int8/uint8 ids passed the check, then nn.Embedding raised a RuntimeError.
-    (torch.tensor([[1, 2]], dtype=torch.int16), TypeError, "torch.int64 or torch.int32, got dtype torch.int16"),
+    (torch.tensor([[1, 2]], dtype=torch.int16), TypeError, r"got dtype torch.int16 \(expected torch.int64 or torch.int32\)"),
     (torch.tensor([[1, 2]], dtype=torch.int8), TypeError, "got dtype torch.int8"),
     (torch.tensor([[1, 2]], dtype=torch.uint8), TypeError, "got dtype torch.uint8"),
     (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
@@ -233,3 +233,80 @@ def test_cross_attention_head_dim_zero_is_refused(backend):
     q = torch.randn(1, 1, 2, 0)
     with pytest.raises(ValueError, match="head dim must be > 0"):
         ops.cross_attention(q, q, q, "aligned", None, backend)
+
+
+# --------------------------------------------------------- CALM / Decoder / Bridge arguments
+
+def test_aligned_mode_checks_every_augments_max_seq_len():
+    """Regression: only the anchor's max_seq_len was checked; an augment with a shorter one
+    raised IndexError from its position table (gpt2) or RoPE table (llama)."""
+    torch.manual_seed(0)
+    anchor = Decoder(DecoderConfig(**{**CFG, "max_seq_len": 16}))
+    for arch in ("gpt2", "llama"):
+        aug = Decoder(DecoderConfig(**{**CFG, "arch": arch, "dim": 8, "n_layers": 4, "max_seq_len": 8}))
+        with pytest.raises(ValueError, match="exceeds augment model 0's max_seq_len=8"):
+            CALM(anchor, aug)(torch.zeros(1, 10, dtype=torch.long))
+
+
+def test_cache_dtype_must_be_the_models(models):
+    """Regression: start_session(dtype=bf16) / setup_cache(dtype=bf16) on an fp32 model built
+    the cache, then SDPA failed on the first step."""
+    anchor, calm, _ = models
+    for dtype in (torch.bfloat16, torch.int64):
+        with pytest.raises(ValueError, match="session dtype must be the CALM's dtype torch.float32"):
+            calm.start_session(1, 4, dtype=dtype)
+        with pytest.raises(ValueError, match="cache dtype must be the model's dtype torch.float32"):
+            anchor.setup_cache(1, 4, dtype)
+    calm.start_session(1, 4, dtype=torch.float32)  # its own dtype: fine
+
+
+def test_cached_pos_must_not_leave_a_gap(models):
+    """Regression: pos=6 after 3 cached tokens attended to 3 never-written (zero) rows:
+    silently wrong logits. Rewriting from an earlier position stays allowed."""
+    anchor, calm, _ = models
+    x = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    cache = anchor.setup_cache(1, 8)
+    anchor(x[:, :3], cache=cache, pos=0)
+    with pytest.raises(ValueError, match="pos=6 leaves a gap: the cache holds 3"):
+        anchor(x[:, 3:4], cache=cache, pos=6)
+    anchor(x[:, 2:3], cache=cache, pos=2)  # rewrite position 2: the cache now holds 3 again
+    out = anchor(x[:, 3:6], cache=cache, pos=3)
+    torch.testing.assert_close(out, anchor(x)[:, 3:6])
+    session = calm.start_session(1, 8)
+    session.step(x[:, :3], None, 0)
+    with pytest.raises(ValueError, match="leaves a gap"):
+        session.step(x[:, 3:4], None, 6)
+    torch.testing.assert_close(session.step(x[:, 3:6], None, 3), calm(x)[:, 3:6])
+
+
+def test_small_argument_errors():
+    """Regression: each of these crashed with a ZeroDivisionError / RuntimeError / IndexError,
+    was accepted, or named the wrong problem."""
+    from calm_fast.bridge import Bridge
+    for heads in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="n_heads must be a positive int"):
+            Bridge(4, 8, heads)
+    torch.manual_seed(0)
+    d = Decoder(DecoderConfig(**CFG))
+    with pytest.raises(ValueError, match="pos=3 without a cache"):
+        d(torch.ones(1, 4, dtype=torch.long), pos=3)
+    for stop in (2, -1, 1.0):
+        with pytest.raises(ValueError, match=r"stop_after must be a block index in \[0, 2\)"):
+            d(torch.ones(1, 4, dtype=torch.long), stop_after=stop)
+    for batch in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="cache batch size must be a positive int"):
+            d.setup_cache(batch, 4)
+    augs = [Decoder(DecoderConfig(**{**CFG, "dim": 8, "n_layers": 4})) for _ in range(2)]
+    calm = CALM(d, augs, mapping=[None, [(3, 1)]])  # None: the default for that augment
+    assert calm.mappings == [[(3, 1)], [(3, 1)]]
+    with pytest.raises(ValueError, match="augment model 0 is torch.bfloat16 on cpu but the anchor is torch.float32 on cpu"):
+        CALM(d, Decoder(DecoderConfig(**{**CFG, "dim": 8})).to(torch.bfloat16))
+    calm = CALM(d, augs[0])
+    calm.anchor.to(torch.bfloat16)  # converted after construction
+    try:
+        with pytest.raises(ValueError, match="augment model 0 is torch.float32 but the anchor is torch.bfloat16"):
+            calm(torch.ones(1, 4, dtype=torch.long))
+        with pytest.raises(ValueError, match="augment model 0 is torch.float32"):
+            calm.start_session(1, 4)
+    finally:
+        calm.anchor.to(torch.float32)
