@@ -3,6 +3,7 @@ EOS, batches of prompts of different lengths (left padding), streaming."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Iterator
 
 import torch
@@ -12,10 +13,32 @@ from .decoder import Decoder
 from .validation import check_attention_mask, check_tokens
 
 
+def _is_id(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _prompt_lists(prompt) -> list[list[int]]:
+    """A list of ids (one prompt) or a list of such lists -> a list of lists."""
+    if prompt and all(_is_id(x) for x in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, (list, tuple)) for p in prompt):
+        return [list(p) for p in prompt]
+    bad = next((p for p in prompt if not _is_id(p) and not isinstance(p, (list, tuple))), None)
+    if bad is not None:
+        raise TypeError(f"token ids must be ints, got {bad!r} in the prompt")
+    raise TypeError("prompt mixes token ids and lists: give a list of ids (one prompt) or a list of lists")
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A list of token-id lists -> (tokens (B, T), attention_mask (B, T) bool), left padded."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
+    if not _is_id(pad_id):
+        raise TypeError(f"pad_id must be an int token id, got {pad_id!r}")
+    for i, p in enumerate(prompts):
+        bad = [x for x in p if not _is_id(x)]
+        if bad:
+            raise TypeError(f"token ids must be ints, got {bad[0]!r} in prompt {i}")
     t = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), t), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), t), dtype=torch.bool, device=device)
@@ -30,7 +53,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shift the largest logit to 0 first: a tiny temperature then drives the others to -inf
+    # instead of overflowing them all to +inf (inf - inf = NaN in the softmax).
+    # The max stays exactly 0 even when the temperature underflows to 0 in float32.
+    shifted = logits.float() - logits.float().max(dim=-1, keepdim=True).values
+    logits = torch.where(shifted == 0, shifted, shifted / temperature)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,8 +81,23 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab_siz
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if eos_id is not None and not _is_id(eos_id):
+        raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
     if eos_id is not None and not 0 <= eos_id < vocab_size:
         raise ValueError(f"eos_id {eos_id} is out of range for vocab_size={vocab_size}")
+
+
+def _check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Generation reads each row's next-token logits at the last column, so every row must end
+    with a real token: pads only before the real tokens (left padding)."""
+    m = attention_mask
+    ok = bool(m[:, -1].all()) and bool((m[:, 1:] >= m[:, :-1]).all())
+    if not ok:
+        rows = [i for i in range(m.shape[0])
+                if not bool(m[i, -1]) or not bool((m[i, 1:] >= m[i, :-1]).all())]
+        raise ValueError(f"attention_mask row(s) {rows[:5]} are not left-padded: generation needs every "
+                         f"row's pads before its real tokens and a real token last (got row {rows[0]}: "
+                         f"{m[rows[0]].int().tolist()})")
 
 
 class _DecoderSession:
@@ -79,13 +121,13 @@ def stream(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, to
         raise TypeError(f"generate needs a Decoder or a CALM, got {type(model).__name__}")
     vocab = base.cfg.vocab_size
     if isinstance(prompt, (list, tuple)):
-        if prompt and all(isinstance(x, int) for x in prompt):
-            prompt = [list(prompt)]
         if attention_mask is not None:
             raise ValueError("attention_mask is built from the prompt lists; pass it only with a tensor prompt")
-        prompt, attention_mask = left_pad([list(p) for p in prompt], pad_id, base.device)
+        prompt, attention_mask = left_pad(_prompt_lists(prompt), pad_id, base.device)
     check_tokens(prompt, vocab, "prompt")
     attention_mask = check_attention_mask(attention_mask, prompt)
+    if attention_mask is not None:
+        _check_left_padded(attention_mask)
     _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab)
     b, t = prompt.shape
     max_len = t + max_new_tokens
@@ -126,9 +168,9 @@ def generate(model, prompt, max_new_tokens: int = 64, temperature: float = 0.0, 
     `prompt`: a (B, T) tensor (with `attention_mask` for left padding) or lists of ids."""
     base = model.anchor if isinstance(model, CALM) else model
     if isinstance(prompt, (list, tuple)):
-        if prompt and all(isinstance(x, int) for x in prompt):
-            prompt = [list(prompt)]
-        prompt, attention_mask = left_pad([list(p) for p in prompt], pad_id, getattr(base, "device", None))
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from the prompt lists; pass it only with a tensor prompt")
+        prompt, attention_mask = left_pad(_prompt_lists(prompt), pad_id, getattr(base, "device", None))
     new = []
     for nxt in stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, attention_mask,
                       context, context_mask, generator, pad_id):

@@ -310,3 +310,47 @@ def test_small_argument_errors():
             calm.start_session(1, 4)
     finally:
         calm.anchor.to(torch.float32)
+
+
+# ------------------------------------------------------------------------------ generation
+
+def test_generate_refuses_inputs_it_used_to_misread(models):
+    """Regression: float ids were truncated (1.7 -> 1), eos_id=1.5 was accepted, and generate()
+    ignored an attention_mask given with list prompts (stream() refused it)."""
+    anchor = models[0]
+    with pytest.raises(TypeError, match="token ids must be ints, got 1.7 in prompt 0"):
+        generate(anchor, [[1.7, 2.9, 3.2]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="token ids must be ints"):
+        generate(anchor, [[1, True]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="token ids must be ints, got 1.5 in the prompt"):
+        generate(anchor, [1, 1.5], max_new_tokens=2)
+    for eos in (1.5, True):
+        with pytest.raises(ValueError, match="eos_id must be an int token id"):
+            generate(anchor, [[1, 2, 3]], max_new_tokens=2, eos_id=eos)
+    for fn in (generate, lambda *a, **k: list(stream(*a, **k))):
+        with pytest.raises(ValueError, match="attention_mask is built from the prompt lists"):
+            fn(anchor, [[1, 2, 3]], max_new_tokens=2, attention_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_generate_refuses_right_padding(models):
+    """Regression: with a right-padded mask the short row's next token was read at a pad
+    position: silently different tokens than the same prompt alone."""
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    for mask, row in (([[1, 1, 1, 1], [1, 1, 0, 0]], 1), ([[1, 0, 1, 1], [1, 1, 1, 1]], 0),
+                      ([[0, 0, 0, 0], [1, 1, 1, 1]], 0)):
+        for model in models[:2]:
+            with pytest.raises(ValueError, match=rf"row\(s\) \[{row}\] are not left-padded"):
+                generate(model, prompt, max_new_tokens=2, attention_mask=torch.tensor(mask).bool())
+    left = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]).bool()
+    for model in models[:2]:
+        batch = generate(model, left, max_new_tokens=4, attention_mask=mask)[1, 4:]
+        assert torch.equal(batch, generate(model, [[9, 10]], max_new_tokens=4)[0, 2:])
+
+
+def test_tiny_temperature_is_greedy_not_a_crash():
+    """Regression: logits / 1e-45 overflowed to inf, so softmax gave NaN and multinomial raised."""
+    from calm_fast.generate import sample_next
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [10.0, -10.0, 9.0, 0.0]])
+    for t in (1e-45, 1e-30, 5e-324):
+        assert sample_next(logits, temperature=t).tolist() == [1, 0]
