@@ -17,6 +17,13 @@ export/ort_generate.py reads before it opens the graphs):
 Why one merged graph: prefill and decode differ only in the number of new tokens and past
 positions, both dynamic axes, so one graph (and one set of weights on disk) serves both.
 
+Writing a directory is all-or-nothing for the loader: every graph is traced, saved and checked
+in a hidden staging directory inside out_dir (an interruption there leaves the previous export
+untouched); then the old manifest is removed, the graphs are renamed into place and the manifest
+is written last. Every graph carries the manifest's `export_id` in its metadata_props
+(`calm_fast.export_id`), and export/ort_generate.py refuses a graph whose id differs, so a
+directory is either one complete export or refuses to load with a clear error.
+
 The bridge's fused op (calm_fast.ops) is a torch custom op on some backends and has no ONNX
 translation; the export modules below call the reference math directly (standard ONNX ops), or,
 with `attention="mha"`, ORT's com.microsoft MultiHeadAttention so ORT runs its fused kernels.
@@ -29,6 +36,7 @@ import copy
 import math
 import os
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -44,6 +52,9 @@ MANIFEST = "calm_onnx.json"
 MODEL_FILE = "model.onnx"
 CONTEXT_FILE = "context.onnx"
 MIN_OPSET = 18
+EXPORT_ID_KEY = "calm_fast.export_id"  # metadata_props key; the manifest's "export_id"
+_DATA_SUFFIX = ".data"  # external weights beside a graph over protobuf's limit: <file>.data
+_EXTERNAL_DATA_BYTES = 1_800_000_000
 ATTENTION_IMPLS = ("standard", "mha")
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -80,13 +91,32 @@ def _(q, k, v, bias, n_heads):
     return torch.empty_like(q)
 
 
+def _mha_schema():
+    """The onnx OpSchema of com.microsoft::MultiHeadAttention (its first six inputs, the ones
+    used here). onnx registers no schemas for ONNX Runtime's contrib ops, so onnxscript cannot
+    resolve `Opset("com.microsoft", 1).MultiHeadAttention` by name; an Op given this schema can."""
+    from onnx.defs import OpSchema
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        "MultiHeadAttention", "com.microsoft", 1,
+        inputs=[param("query", "T"), param("key", "T", param_option=optional),
+                param("value", "T", param_option=optional), param("bias", "T", param_option=optional),
+                param("key_padding_mask", "M", param_option=optional),
+                param("attention_bias", "T", param_option=optional)],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
+                          ("M", ["tensor(int32)"], "key padding mask")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of heads")])
+
+
 def _mha_translation():
     """onnxscript translation of calm_fast_export::mha (imported lazily: export-time only)."""
     import onnxscript
-    msft = onnxscript.values.Opset("com.microsoft", 1)
+    op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention",
+                              _mha_schema())
 
     def mha(q, k, v, bias, n_heads: int):
-        return msft.MultiHeadAttention(q, k, v, None, None, bias, num_heads=n_heads)
+        return op(q, k, v, None, None, bias, num_heads=n_heads)
     return mha
 
 
@@ -341,8 +371,12 @@ def _symbolic_mha(g, q, k, v, bias, n_heads):
 _SYMBOLIC_OPSETS: set[int] = set()
 
 
-def _export_graph(module, inputs, outputs, path: Path, sizes, vocab, dtype, opset, impl, exporter):
-    """Trace `module` into `path` (written atomically), name its axes as in the specs, check it."""
+def _export_graph(module, inputs, outputs, path: Path, sizes, vocab, dtype, opset, impl, exporter,
+                  export_id: str) -> list[str]:
+    """Trace `module` into `path`, name its axes as in the specs, stamp `export_id` into its
+    metadata, check it. `path` must be in a staging directory of the caller's (the graph is
+    renamed into its final place only once everything is written and checked). Returns the file
+    names written: the graph, and its external data file if the weights needed one."""
     import onnx
     args = tuple(_example(s, sizes, vocab, dtype) for s in inputs)
     names_in, names_out = [s["name"] for s in inputs], [s["name"] for s in outputs]
@@ -372,24 +406,52 @@ def _export_graph(module, inputs, outputs, path: Path, sizes, vocab, dtype, opse
                 program.save(str(tmp))
         model = onnx.load(str(tmp))  # pulls in any external data the exporter wrote beside it
     _name_axes(model, inputs, outputs)
-    _save_atomic(model, path)
+    kept = [(e.key, e.value) for e in model.metadata_props if e.key != EXPORT_ID_KEY]
+    del model.metadata_props[:]
+    for key, value in kept:
+        extra = model.metadata_props.add()
+        extra.key, extra.value = key, value
+    entry = model.metadata_props.add()
+    entry.key, entry.value = EXPORT_ID_KEY, export_id
+    files = _save(model, path)
     check_model(path)
+    return files
 
 
-def _save_atomic(model, path: Path) -> None:
-    """Graph to a temp name, then rename: an interrupted export never leaves a half-written
-    graph. Weights past protobuf's 2 GiB ceiling go to one `<name>.data` file beside it."""
+def _save(model, path: Path) -> list[str]:
+    """Save into a fresh staging directory. Weights past protobuf's 2 GiB ceiling go to one
+    `<name>.data` file beside the graph (onnx appends to an existing data file, so the directory
+    must not hold one: the staging directory is new for each export)."""
     import onnx
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(path.name + _DATA_SUFFIX)
+    if path.exists() or data.exists():
+        raise FileExistsError(f"{path}: staging file already exists")
     weights = sum(t.ByteSize() for t in model.graph.initializer)
-    if weights > 1_800_000_000:
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+    if weights > _EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(tmp))
-        data.unlink(missing_ok=True)
-    os.replace(tmp, path)
+        return [path.name, data.name]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(staging: Path, out_dir: Path, files: list[str], graphs: list[str]) -> None:
+    """Rename staged files into out_dir (data files before their graphs); a graph staged without
+    external data loses any stale `<graph>.data` beside its final name."""
+    for name in sorted(files, key=lambda n: not n.endswith(_DATA_SUFFIX)):
+        os.replace(staging / name, out_dir / name)
+    for name in graphs:
+        if name + _DATA_SUFFIX not in files:
+            (out_dir / (name + _DATA_SUFFIX)).unlink(missing_ok=True)
+    _fsync_dir(out_dir)
 
 
 def _name_axes(model, inputs, outputs) -> None:
@@ -421,9 +483,23 @@ def check_model(path) -> None:
         raise ValueError(f"{path}: exported graph fails onnx checks: {e}") from None
 
 
+def max_opset() -> int:
+    """The newest opset accepted: torch.onnx's ONNX_MAX_OPSET (23 in torch 2.13), the most the
+    TorchScript exporter takes (above it, it fails only after tracing, with a long dump). The
+    dynamo exporter is held to the same limit: above it, 24 exported here but 28 failed the
+    checker."""
+    try:
+        from torch.onnx import _constants
+        return int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # a torch that moved it: the value of torch 2.13
+        return 23
+
+
 def _check_options(opset, attention, dtype, exporter):
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ValueError(f"opset must be an int in [{MIN_OPSET}, {top}] (the newest this torch's "
+                         f"ONNX exporter supports), got {opset!r}")
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     if dtype != torch.float32:
@@ -434,6 +510,27 @@ def _check_options(opset, attention, dtype, exporter):
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
 
 
+def _out_path(value, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+    if not str(os.fspath(value)).strip():
+        raise ValueError(f"{what} is empty (give a directory; '.' for the current one)"
+                         if what == "out_dir" else f"{what} is empty")
+    return Path(value)
+
+
+def _old_files(out_dir: Path) -> set[str]:
+    """Graph (and data) files the export already in out_dir lists in its manifest."""
+    import json
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        specs = list(manifest["graphs"].values()) + list(manifest.get("bridges", []))
+        names = {spec["file"] for spec in specs}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()  # no manifest, or not one of ours: delete nothing
+    return {n for n in names if isinstance(n, str) and Path(n).name == n and n.endswith(".onnx")}
+
+
 def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
                 dtype: torch.dtype = torch.float32, export_bridges: bool = False,
                 exporter: str = "torchscript") -> dict:
@@ -442,7 +539,7 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
 
     attention: "standard" (plain ONNX ops, any runtime) or "mha" (the bridges use ORT's
       com.microsoft MultiHeadAttention: fused kernels, ONNX Runtime only).
-    export_bridges: also write each bridge on its own (see `export_bridge`).
+    export_bridges: also write each bridge on its own (see `export_bridge`; a CALM only).
     exporter: "torchscript" (default: ~30x faster to trace than "dynamo" here, same graph
       semantics, tested) or "dynamo" (torch.export + onnxscript).
     dtype: torch.float32 only for now (fp16 export: see docs/onnx.md).
@@ -450,7 +547,11 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
     if not isinstance(model, (CALM, Decoder)):
         raise TypeError(f"export_onnx needs a CALM or a Decoder, got {type(model).__name__}")
     _check_options(opset, attention, dtype, exporter)
-    out_dir = Path(out_dir)
+    if not isinstance(export_bridges, bool):
+        raise TypeError(f"export_bridges must be a bool, got {export_bridges!r}")
+    if export_bridges and not isinstance(model, CALM):
+        raise ValueError("export_bridges=True needs a CALM: a plain Decoder has no bridges")
+    out_dir = _out_path(out_dir, "out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     first = next(model.parameters())
@@ -459,44 +560,64 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
         model = copy.deepcopy(model).to(device="cpu", dtype=dtype)
     calm = model if isinstance(model, CALM) else None
     anchor = model.anchor if calm is not None else model
+    export_id = uuid.uuid4().hex
     model.eval()
     try:
-        base = _Step(anchor, calm, attention, dtype).eval()
-        dtype_name = _NP_DTYPES[dtype]
-        inputs, outputs, ctx = _io_spec(anchor, calm, dtype_name)
-        vocab = anchor.cfg.vocab_size
-        sizes = {"batch": 2, "seq": 3, "past": 4, "total": 7, "context": 5}
-        _export_graph(base, inputs, outputs, out_dir / MODEL_FILE, sizes, vocab, dtype, opset, attention,
-                      exporter)
-        manifest = {
-            "format": FORMAT, "opset": opset, "attention": attention, "dtype": dtype_name,
-            "exporter": exporter,
-            "vocab_size": vocab, "kind": "calm" if calm is not None else "decoder",
-            "mode": calm.mode if calm is not None else None,
-            # Aligned augments read the same tokens: the shortest limit (learned positions) wins.
-            "max_seq_len": min([anchor.cfg.max_seq_len] + [a.cfg.max_seq_len for a in calm.augments]
-                               if calm is not None and calm.mode == "aligned" else [anchor.cfg.max_seq_len]),
-            "graphs": {"model": {"file": MODEL_FILE, "inputs": inputs, "outputs": outputs}},
-            "symbols": {"batch": "sequences in the batch", "seq": "new tokens this call",
-                        "past": "positions already cached (0 at prefill)",
-                        "total": "past + seq", "context": "context tokens (context mode)"},
-        }
-        if ctx is not None:
-            _export_graph(_ContextEncoder(calm, base.bridges).eval(), ctx["inputs"], ctx["outputs"],
-                          out_dir / CONTEXT_FILE, sizes, vocab, dtype, opset, attention, exporter)
-            manifest["graphs"]["context"] = {"file": CONTEXT_FILE, **ctx}
-            manifest["max_context_len"] = min(a.cfg.max_seq_len for a in calm.augments)
-        if export_bridges and calm is not None:
-            manifest["bridges"] = []
-            for a, bs in enumerate(calm.bridges):
-                for k, bridge in enumerate(bs):
-                    name = f"bridge_{a}_{k}.onnx"
-                    spec = export_bridge(bridge, out_dir / name, mode=calm.mode, opset=opset,
-                                         attention=attention, dtype=dtype, exporter=exporter)
-                    manifest["bridges"].append({"augment": a, "index": k,
-                                                "augment_layer": calm.mappings[a][k][0],
-                                                "anchor_layer": calm.mappings[a][k][1], **spec})
-        save_json(out_dir / MANIFEST, manifest)
+        # Everything is written and checked in `staging` first: interrupted there, out_dir still
+        # holds the previous export, untouched.
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".calm_onnx_staging.") as staging:
+            staging = Path(staging)
+            base = _Step(anchor, calm, attention, dtype).eval()
+            dtype_name = _NP_DTYPES[dtype]
+            inputs, outputs, ctx = _io_spec(anchor, calm, dtype_name)
+            vocab = anchor.cfg.vocab_size
+            sizes = {"batch": 2, "seq": 3, "past": 4, "total": 7, "context": 5}
+            graphs = [MODEL_FILE]
+            files = _export_graph(base, inputs, outputs, staging / MODEL_FILE, sizes, vocab, dtype,
+                                  opset, attention, exporter, export_id)
+            manifest = {
+                "format": FORMAT, "opset": opset, "attention": attention, "dtype": dtype_name,
+                "exporter": exporter, "export_id": export_id,
+                "vocab_size": vocab, "kind": "calm" if calm is not None else "decoder",
+                "mode": calm.mode if calm is not None else None,
+                # Aligned augments read the same tokens: the shortest limit (learned positions) wins.
+                "max_seq_len": min([anchor.cfg.max_seq_len] + [a.cfg.max_seq_len for a in calm.augments]
+                                   if calm is not None and calm.mode == "aligned"
+                                   else [anchor.cfg.max_seq_len]),
+                "graphs": {"model": {"file": MODEL_FILE, "inputs": inputs, "outputs": outputs}},
+                "symbols": {"batch": "sequences in the batch", "seq": "new tokens this call",
+                            "past": "positions already cached (0 at prefill)",
+                            "total": "past + seq", "context": "context tokens (context mode)"},
+            }
+            if ctx is not None:
+                files += _export_graph(_ContextEncoder(calm, base.bridges).eval(), ctx["inputs"],
+                                       ctx["outputs"], staging / CONTEXT_FILE, sizes, vocab, dtype, opset,
+                                       attention, exporter, export_id)
+                graphs.append(CONTEXT_FILE)
+                manifest["graphs"]["context"] = {"file": CONTEXT_FILE, **ctx}
+                manifest["max_context_len"] = min(a.cfg.max_seq_len for a in calm.augments)
+            if export_bridges:
+                manifest["bridges"] = []
+                for a, bs in enumerate(calm.bridges):
+                    for k, bridge in enumerate(bs):
+                        name = f"bridge_{a}_{k}.onnx"
+                        spec, written = _bridge_graph(bridge, staging / name, calm.mode, opset, attention,
+                                                      dtype, exporter, export_id)
+                        files += written
+                        graphs.append(name)
+                        manifest["bridges"].append({"augment": a, "index": k,
+                                                    "augment_layer": calm.mappings[a][k][0],
+                                                    "anchor_layer": calm.mappings[a][k][1], **spec})
+            # Install: from here on the directory has no manifest until it names the new graphs
+            # (an interruption leaves one the loader refuses, never a mix of two exports).
+            stale = _old_files(out_dir) - set(graphs)
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            _fsync_dir(out_dir)
+            _install(staging, out_dir, files, graphs)
+            for name in stale:  # graphs of the previous export that this one does not have
+                for f in (name, name + _DATA_SUFFIX):
+                    (out_dir / f).unlink(missing_ok=True)
+            save_json(out_dir / MANIFEST, manifest)
         return manifest
     finally:
         model.train(was_training)
@@ -515,15 +636,29 @@ def export_bridge(bridge, path, *, mode: str = "aligned", opset: int = 18, atten
     Outputs: hidden (batch, seq, D_B) = hidden_anchor + W_o Attn(...);
              present_key, present_value (batch, H, past + new, D_B / H).
     Aligned mode: anchor query i (the last `seq` positions) sees key j iff j <= i + (Tk - seq).
-    Returns the graph description (file, mode, inputs, outputs)."""
+    Written in a staging directory beside `path`, checked, then renamed into place (with its
+    `.data` file first, when the weights need one). Returns the graph description (file, mode,
+    inputs, outputs, export_id: also in the graph's metadata_props under EXPORT_ID_KEY)."""
     from .bridge import Bridge
     if not isinstance(bridge, Bridge):
         raise TypeError(f"export_bridge needs a Bridge, got {type(bridge).__name__}")
     if mode not in ("aligned", "context"):
         raise ValueError(f"mode must be 'aligned' or 'context', got {mode!r}")
     _check_options(opset, attention, dtype, exporter)
-    path = Path(path)
+    path = _out_path(path, "path")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; export_bridge needs a file path, e.g. {path / 'bridge.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    export_id = uuid.uuid4().hex
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.staging.") as staging:
+        staged = Path(staging) / path.name
+        spec, files = _bridge_graph(bridge, staged, mode, opset, attention, dtype, exporter, export_id)
+        _install(Path(staging), path.parent, files, [path.name])
+    return dict(spec, export_id=export_id)
+
+
+def _bridge_graph(bridge, path: Path, mode, opset, attention, dtype, exporter, export_id):
+    """export_bridge's graph into a staging path: (description, files written)."""
     d_b, d_a = bridge.wq.weight.shape[0], bridge.proj.weight.shape[1]
     h, dn = bridge.n_heads, _NP_DTYPES[dtype]
     d = d_b // h
@@ -537,8 +672,9 @@ def export_bridge(bridge, path, *, mode: str = "aligned", opset: int = 18, atten
                _tensor("present_value", dn, ["batch", h, "total", d], "present", past="past_value")]
     module = _BridgeOnly(bridge, mode, attention, dtype).cpu().eval()  # holds copies, not the bridge
     sizes = {"batch": 2, "seq": 3, "new": 2, "past": 4, "total": 6}
-    _export_graph(module, inputs, outputs, path, sizes, 2, dtype, opset, attention, exporter)
-    return {"file": path.name, "mode": mode, "inputs": inputs, "outputs": outputs}
+    files = _export_graph(module, inputs, outputs, path, sizes, 2, dtype, opset, attention, exporter,
+                          export_id)
+    return {"file": path.name, "mode": mode, "inputs": inputs, "outputs": outputs}, files
 
 
-__all__ = ["MANIFEST", "check_model", "export_bridge", "export_onnx"]
+__all__ = ["EXPORT_ID_KEY", "MANIFEST", "check_model", "export_bridge", "export_onnx", "max_opset"]

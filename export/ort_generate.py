@@ -32,6 +32,7 @@ FORMAT = "calm_fast.onnx/1"
 MANIFEST = "calm_onnx.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+EXPORT_ID_KEY = "calm_fast.export_id"  # in every graph's metadata_props; the manifest's export_id
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
 
 
@@ -44,7 +45,9 @@ def _load_manifest(export_dir: Path) -> dict:
         raise ExportDirError(f"{export_dir}: not a directory (expected a calm_fast ONNX export)")
     path = export_dir / MANIFEST
     if not path.is_file():
-        raise ExportDirError(f"{export_dir}: not a calm_fast ONNX export (missing {MANIFEST})")
+        hint = (f"; model.onnx is there without it: an export that was interrupted or is still "
+                f"being written, export again" if (export_dir / "model.onnx").exists() else "")
+        raise ExportDirError(f"{export_dir}: not a calm_fast ONNX export (missing {MANIFEST}){hint}")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -81,7 +84,8 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
 class _Graph:
     """One InferenceSession plus its manifest entry, checked against each other."""
 
-    def __init__(self, export_dir: Path, spec: dict, provider: str, device: str, threads):
+    def __init__(self, export_dir: Path, spec: dict, provider: str, device: str, threads,
+                 export_id: str | None = None):
         self.spec = spec
         path = export_dir / spec["file"]
         if not path.is_file():
@@ -91,6 +95,12 @@ class _Graph:
                                                 providers=[provider])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ExportDirError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        got_id = self.session.get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY)
+        if got_id != export_id:
+            # Another export's graph beside this manifest (an interrupted re-export, a partial copy).
+            raise ExportDirError(f"{path}: belongs to another export (its export_id {got_id!r} is not "
+                                 f"{MANIFEST}'s {export_id!r}); the directory mixes two exports, "
+                                 f"export again")
         if self.session.get_providers()[0] != provider:
             # ORT falls back to CPU silently when the CUDA libraries fail to load.
             raise ValueError(f"{provider} did not load for {path.name} (ONNX Runtime fell back to "
@@ -240,10 +250,13 @@ class OrtGenerator:
         self.mode = self.manifest.get("mode")
         self.max_seq_len = self.manifest.get("max_seq_len")
         device = "cuda" if provider == "cuda" else "cpu"
-        self.model = _Graph(self.export_dir, self.manifest["graphs"]["model"], ep, device, threads)
+        export_id = self.manifest.get("export_id")  # None: an export from before export ids
+        self.model = _Graph(self.export_dir, self.manifest["graphs"]["model"], ep, device, threads,
+                            export_id)
         self.context = None
         if self.mode == "context":
-            self.context = _Graph(self.export_dir, self.manifest["graphs"]["context"], ep, device, threads)
+            self.context = _Graph(self.export_dir, self.manifest["graphs"]["context"], ep, device,
+                                  threads, export_id)
         specs = self.manifest["graphs"]["model"]["inputs"]
         self._past_specs = [s for s in specs if s["role"] == "past"]
         self._present = {s["present"]: s["name"] for s in self._past_specs}  # present -> past
