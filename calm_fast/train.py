@@ -52,7 +52,18 @@ class TrainConfig(_JSONMixin):
     progress: bool = True
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or \
+                not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be a pair of numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        for name, lo, hi, what in (("lr", 0.0, math.inf, "a finite number > 0"),
+                                   ("min_lr_ratio", 0.0, 1.0, "a number in [0, 1]"),
+                                   ("weight_decay", 0.0, math.inf, "a finite number >= 0"),
+                                   ("clip", 0.0, math.inf, "a finite number >= 0 (0 = no clipping)")):
+            v = getattr(self, name)
+            ok = _is_real(v) and math.isfinite(v) and lo <= v <= hi and not (name == "lr" and v == 0)
+            if not ok:
+                raise ValueError(f"train.{name} must be {what}, got {v!r}")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -61,8 +72,10 @@ class TrainConfig(_JSONMixin):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"train.{name} must be a non-negative int, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr!r}")
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -354,3 +354,29 @@ def test_tiny_temperature_is_greedy_not_a_crash():
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [10.0, -10.0, 9.0, 0.0]])
     for t in (1e-45, 1e-30, 5e-324):
         assert sample_next(logits, temperature=t).tolist() == [1, 0]
+
+
+# ------------------------------------------------------------------------------ TrainConfig
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(min_lr_ratio=-3.0), r"min_lr_ratio must be a number in \[0, 1\], got -3.0"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio"), (dict(min_lr_ratio=math.nan), "min_lr_ratio"),
+    (dict(lr=math.inf), "lr must be a finite number > 0"), (dict(lr=0.0), "lr must be"),
+    (dict(lr=math.nan), "lr must be"), (dict(lr=True), "lr must be"), (dict(lr="1e-3"), "lr must be"),
+    (dict(clip=math.nan), "clip must be a finite number >= 0"), (dict(clip=-1.0), "clip"), (dict(clip=None), "clip"),
+    (dict(betas=(0.9,)), "betas must be a pair of numbers in"), (dict(betas=(1.5, 0.9)), "betas"),
+    (dict(betas=0.9), "betas"), (dict(betas=(0.9, math.nan)), "betas"),
+    (dict(weight_decay=-5.0), "weight_decay must be a finite number >= 0"), (dict(weight_decay=math.inf), "weight_decay"),
+])
+def test_train_config_refuses_bad_optimizer_settings(kw, match):
+    """Regression: these were accepted; min_lr_ratio=-3 made the cosine schedule's lr negative
+    and fit() climbed the gradient."""
+    from calm_fast.train import TrainConfig
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw, progress=False)
+
+
+def test_train_config_keeps_valid_settings():
+    from calm_fast.train import TrainConfig
+    cfg = TrainConfig(lr=1, min_lr_ratio=0, clip=0, weight_decay=0, betas=[0, 0.999], progress=False)
+    assert cfg.betas == (0.0, 0.999) and TrainConfig.from_dict(cfg.to_dict()) == cfg
