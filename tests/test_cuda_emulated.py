@@ -217,6 +217,50 @@ def test_decode_padded_nonfinite_rows_are_ignored(emu):
             emu, h_b, None, w_q, None, None, w_o, k, v, pos, n_heads, kpm), "cpu", torch.float32)
 
 
+def _neginf_key_case(dtype, d, tq=2, tk=80):
+    """Key 0 (and key 70) scores -inf for every query row and holds NaN / inf in some value
+    columns; the keys between are padding, so a whole key tile (or decode chunk) has only
+    -inf scores."""
+    gen = torch.Generator().manual_seed(d)
+    q = torch.ones(1, 2, tq, d)
+    k, v = torch.randn(1, 2, tk, d, generator=gen) * 0.1, torch.randn(1, 2, tk, d, generator=gen)
+    for j in (0, 70):
+        k[:, :, j] = 0.0
+        k[:, :, j, 0] = -float("inf")
+    v[:, 0, 0, 1] = float("nan")
+    v[:, 1, 0, 2] = float("inf")
+    v[:, :, 70, 3] = float("nan")
+    kpm = torch.ones(1, tk, dtype=torch.bool)
+    kpm[:, 1:64] = False
+    return q.to(dtype), k.to(dtype), v.to(dtype), kpm
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 4), (torch.float32, 40), (torch.bfloat16, 64)])
+def test_neginf_score_key_with_nonfinite_value_gives_nan_in_its_column(emu, dtype, d):
+    """A visible key scored -inf has softmax weight 0, and 0 * NaN = 0 * inf = NaN in the
+    reference: its value's non-finite columns turn NaN (the generic kernel and the decode
+    step's online softmax used to skip such a key while every score so far was -inf)."""
+    for tq, mask in ((2, "context"), (5, "aligned")):
+        q, k, v, kpm = _neginf_key_case(dtype, d, tq)
+        want = ref.cross_attention(q.double(), k.double(), v.double(), mask, kpm)
+        out, _ = attend(emu, q, k, v, mask, kpm)
+        assert torch.equal(out.isnan(), want.isnan()), (tq, mask)
+        fin = want.isfinite()
+        assert torch.allclose(out[fin].double(), want[fin], atol=TOL[dtype] * 10), (tq, mask)
+    if dtype == torch.bfloat16:
+        return
+    # The decode step, context mode: cache rows 0 and 70 of each head score -inf; 1..63 padded.
+    q, kc, vc, kpm = _neginf_key_case(dtype, d, 1, 96)
+    h_b = torch.ones(1, 1, 2 * d)
+    w_q, w_o = torch.eye(2 * d), torch.eye(2 * d)
+    want = ref.bridge_decode_step(h_b, None, w_q, None, None, w_o, kc.clone(), vc.clone(), 90, 2, kpm)
+    assert want.isnan().all()  # W_o spreads the NaN columns over the whole row
+    for sms in (1, 3, 7):  # one chunk per head, or several (a chunk of only -inf scores)
+        with emulated_gpu(CF_EMU_SMS=sms):
+            got = decode_step(emu, h_b, None, w_q, None, None, w_o, kc.clone(), vc.clone(), 90, 2, kpm)
+        assert got.isnan().all(), sms
+
+
 def test_emulator_reports_divergent_collectives_and_runs_its_primitives(emu):
     """The emulator's own checks (csrc/cuda/emulator/selftest.cu): shuffles and grid.sync
     move the right values; a __syncthreads or shuffle that some threads skip fails the launch

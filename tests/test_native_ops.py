@@ -475,6 +475,45 @@ def test_allowed_keys_with_all_scores_neginf_give_nan_not_empty():
     assert step.isnan().all()
 
 
+def test_neginf_score_key_with_nonfinite_value_gives_nan_in_its_column():
+    # A visible key scored -inf keeps softmax weight 0, and 0 * NaN (or 0 * inf) = NaN in the
+    # reference, also when every other allowed score of its 64-key tile is -inf or padded
+    # (the tiled path used to skip such a tile). Only the value's non-finite columns turn NaN.
+    inf, nan = float("inf"), float("nan")
+    for tq in (3, 4, 70):  # the per-row path (<= 3 rows) and the tiles
+        b, h, tk, d = 1, 2, 130, 4
+        gen = torch.Generator().manual_seed(tq)
+        q = torch.ones(b, h, tq, d)
+        k, v = torch.randn(b, h, tk, d, generator=gen) * 0.1, torch.randn(b, h, tk, d, generator=gen)
+        k[:, :, 0] = torch.tensor([-inf, 0.0, 0.0, 0.0])  # score -inf for every query row
+        v[:, 0, 0, 1] = nan
+        v[:, 1, 0, 2] = inf
+        k[:, :, 65] = torch.tensor([-inf, 0.0, 0.0, 0.0])  # also -inf in the second tile
+        v[:, :, 65, 3] = nan
+        kpm = torch.ones(b, tk, dtype=torch.bool)
+        kpm[:, 1:64] = False   # the rest of tile 0 is padding
+        kpm[:, 66:100] = False
+        for mask in ("context", "aligned"):
+            # aligned: only the rows that see key 65 (the reference lets a hidden key's NaN
+            # value meet its weight 0 too; the kernels keep hidden keys out, csrc/README.md)
+            r0 = 0 if mask == "context" else max(0, 65 - (tk - tq))
+            want = ref.cross_attention(q, k, v, mask, kpm)[:, :, r0:]
+            got = native.cross_attention(q, k, v, mask, kpm)[:, :, r0:]
+            assert torch.equal(got.isnan(), want.isnan()), (tq, mask)
+            fin = want.isfinite()
+            assert torch.allclose(got[fin], want[fin], atol=1e-5), (tq, mask)
+    # The decode step (its attention is the per-row path).
+    h_b = torch.ones(1, 1, 4)
+    kc = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(1)) * 0.1
+    vc = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(2))
+    kc[0, 0, 0] = torch.tensor([-inf, 0.0, 0.0, 0.0])
+    vc[0, 0, 0, 2] = nan
+    w_q = torch.eye(4)
+    want = ref.bridge_decode_step(h_b, None, w_q, None, None, torch.eye(4), kc.clone(), vc.clone(), 5, 1)
+    got = native.bridge_decode_step(h_b, None, w_q, None, None, torch.eye(4), kc.clone(), vc.clone(), 5, 1)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+
+
 def test_cuda_backward_math_on_cpu_tensors():
     """The CUDA backend's backward is PyTorch math (no CUDA kernel yet; native._attn_bwd_cuda).
     Run on CPU tensors here, with P's lse from the C++ forward, so CI checks it: it matches the

@@ -222,7 +222,16 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
             A mx = m[r];
 #pragma omp simd reduction(max : mx)
             for (int jj = 0; jj < kBK; ++jj) mx = mx > s[jj] ? mx : s[jj];
-            if (mx == neg_inf<A>()) continue;
+            if (mx == neg_inf<A>()) {
+              // Every allowed score so far is -inf (rare). These keys still end with softmax
+              // weight 0, and 0 * inf/NaN = NaN in the reference: add 0 * v for each visible
+              // key (padding rows of vr are zeros) so a non-finite value reaches its column.
+              if (any) {
+                for (int jj = 0; jj < kBK; ++jj) s[jj] = A(0);
+                cnt[rr] = int(imin(tile.n, lim + 1));
+              }
+              continue;
+            }
             const A alpha = exp_neg(m[r] - mx);
             A sum = 0;
 #pragma omp simd reduction(+ : sum)

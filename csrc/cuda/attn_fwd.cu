@@ -65,11 +65,19 @@ __global__ void __launch_bounds__(128) attn_fwd_generic(AttnParams p) {
     }
     const float s = warp_sum(part);
     if (s != s) bad = true;
-    if (bad || s == -INFINITY) continue;
+    if (bad) continue;
+    const T* vr = vb + j * p.sv[2];
+    if (s == -INFINITY) {  // (rare) weight 0, which still multiplies the value: 0 * inf/NaN = NaN
+#pragma unroll
+      for (int t = 0; t < kPL; ++t) {
+        const int64_t d = lane + 32 * t;
+        if (d < D) acc[t] = fmaf(0.f, to_f(vr[d]), acc[t]);
+      }
+      continue;
+    }
     const float m_new = fmaxf(m, s);
     const float alpha = expf(m - m_new), pj = expf(s - m_new);
     l = l * alpha + pj;
-    const T* vr = vb + j * p.sv[2];
 #pragma unroll
     for (int t = 0; t < kPL; ++t) {
       const int64_t d = lane + 32 * t;
@@ -201,6 +209,7 @@ __global__ void __launch_bounds__(128) attn_fwd_wmma(AttnParams p, bool vq, bool
       bad = __any_sync(0xffffffffu, bad);
       if (__any_sync(0xffffffffu, any) && lane == 0) st_seen[row] = 1.f;
       const float m_old = st_m[row];
+      __syncwarp();  // every lane has read st_m[row] before lane 0 rewrites it (shuffles order no memory)
       const float mx = warp_max(fmaxf(sv[0], sv[1]));
       float alpha = 1.f, pr[2] = {0.f, 0.f};
       if (bad) {

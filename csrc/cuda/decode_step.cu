@@ -295,7 +295,12 @@ struct Softmax {
     any = true;
     if (s != s) { bad = true; return; }
     const float mn = fmaxf(m, s);
-    if (mn == -INFINITY) return;  // every score so far -inf: nothing to weigh yet
+    if (mn == -INFINITY) {  // every score so far -inf (rare): nothing to weigh yet, but this
+      // key's weight ends 0, and 0 * inf/NaN = NaN as in the reference: acc keeps 0 * v.
+#pragma unroll
+      for (int t = 0; t < E; ++t) acc[t] = fmaf(0.f, v[t], acc[t]);
+      return;
+    }
     const float alpha = expf(m - mn), pj = expf(s - mn);
     l = l * alpha + pj;
 #pragma unroll
