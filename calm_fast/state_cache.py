@@ -22,6 +22,7 @@ can attend. fp32 storage reproduces the loss to rounding; bf16/fp16 storage to ~
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import shutil
 import zlib
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .validation import check_tokens
 
 VERSION = 1
 INDEX = "index.json"
@@ -86,9 +88,7 @@ def build_state_cache(calm, sequences, path, *, dtype: str = "bfloat16", batch_s
         raise ValueError(f"state cache dtype must be one of {sorted(STORAGE)}, got {dtype!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    sequences = [list(map(int, s)) for s in sequences]
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("build_state_cache needs a non-empty list of non-empty token sequences")
+    sequences = _token_lists(calm, sequences)
     path = Path(path)
     tmp = path.with_name(path.name + ".building")
     dist = _dist(world_size)
@@ -150,6 +150,47 @@ def build_state_cache(calm, sequences, path, *, dtype: str = "bfloat16", batch_s
     if dist:
         dist.barrier()
     return path
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _int_list(values, what: str) -> list[int]:
+    """values (a list, range, 1-D integer tensor or array...) as a list of ints; a float, bool or
+    anything else is a TypeError naming it (never truncated)."""
+    if torch.is_tensor(values):
+        if values.dim() != 1 or values.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{what} must be a 1-D int64/int32 tensor, got {values.dtype} of shape "
+                            f"{tuple(values.shape)}")
+        return values.tolist()
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a list of ints, got {type(values).__name__}")
+    values = list(values)
+    bad = next((x for x in values if not _is_int(x)), None)
+    if bad is not None:
+        raise TypeError(f"{what} holds {bad!r}: expected ints")
+    return [int(x) for x in values]
+
+
+def _token_lists(calm, sequences) -> list[list[int]]:
+    """Checked token sequences: ints in [0, vocab), each one no longer than every augment
+    model's max_seq_len (they run over it), before anything is written."""
+    if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__"):
+        raise TypeError(f"sequences must be a list of token-id lists, got {type(sequences).__name__}")
+    seqs = [_int_list(s, f"sequence {i}") for i, s in enumerate(sequences)]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("build_state_cache needs a non-empty list of non-empty token sequences")
+    limit = min(aug.cfg.max_seq_len for aug in calm.augments)
+    vocab = calm.anchor.cfg.vocab_size
+    for i, s in enumerate(seqs):
+        if len(s) > limit:
+            raise ValueError(f"sequence {i} has {len(s)} tokens, more than the augment models' "
+                             f"max_seq_len={limit}")
+        check_tokens(torch.tensor([s], dtype=torch.long), vocab, f"sequence {i}")
+    return seqs
 
 
 def _dist(world_size: int):
@@ -223,7 +264,11 @@ class StateCache:
         longest): ([{layer: (B, T, D)}, ...] per augment, mask (B, T) bool of real rows).
         `tokens` (a list of id lists, or a (B, T) tensor whose first length_i columns are the
         example) is checked against the ids the states were built from."""
-        indices = [int(i) for i in indices]
+        indices = _int_list(indices, "indices")
+        if not indices:
+            raise ValueError("indices is empty: give at least one example index")
+        if pad_to is not None and not _is_int(pad_to):
+            raise TypeError(f"pad_to must be an int or None, got {pad_to!r}")
         n = len(self.table)
         bad = [i for i in indices if not 0 <= i < n]
         if bad:

@@ -132,3 +132,31 @@ def test_cache_states_refuses_mismatched_or_damaged_caches(tmp_path):
     f.write_bytes(f.read_bytes()[:-2])  # truncated layer file
     with pytest.raises(ValueError, match="bytes, expected"):
         StateCache(path)
+
+
+def test_bad_sequences_and_indices_are_refused(tmp_path):
+    """Regression: bad ids and too-long sequences gave a bare IndexError from inside the augment
+    model, float ids were truncated, batch([]) raised numpy's reduction error and batch([1.9])
+    read example 1."""
+    calm = _calm()
+    vocab, limit = calm.anchor.cfg.vocab_size, calm.augments[0].cfg.max_seq_len
+    for seqs, exc, match in (([[1, 2, vocab]], ValueError, f"sequence 0 holds token id {vocab}, out of range"),
+                             ([[1, 2], [1, -2]], ValueError, r"sequence 1 holds a negative token id \(-2\)"),
+                             ([[1] * (limit + 1)], ValueError, f"more than the augment models' max_seq_len={limit}"),
+                             ([[1.7, 2.2]], TypeError, "sequence 0 holds 1.7"),
+                             ([[1, True]], TypeError, "sequence 0 holds True"),
+                             ([torch.tensor([1.0, 2.0])], TypeError, "int64/int32 tensor"),
+                             ([[]], ValueError, "non-empty")):
+        with pytest.raises(exc, match=match):
+            build_state_cache(calm, seqs, tmp_path / "bad", dtype="float32")
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.building").exists()
+    path = build_state_cache(calm, [[1, 2, 3], torch.tensor([4, 5])], tmp_path / "ok", dtype="float32")
+    cache = StateCache(path, calm)
+    with pytest.raises(ValueError, match="indices is empty"):
+        cache.batch([])
+    for bad in ([1.9], [True], torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="indices"):
+            cache.batch(bad)
+    with pytest.raises(TypeError, match="pad_to"):
+        cache.batch([0], pad_to=4.5)
+    assert cache.batch(range(2))[1].tolist() == [[True, True, True], [True, True, False]]
