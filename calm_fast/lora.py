@@ -15,8 +15,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
         super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        _check_rank(rank)
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha)):
+            raise ValueError(f"LoRA alpha must be a finite number or None, got {alpha!r}")
         self.base = base
         base.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
@@ -26,6 +28,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         return self.base(x) + self.scale * nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+
+
+def _check_rank(rank) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
 
 
 def _targets(model: nn.Module):
@@ -41,12 +48,23 @@ def lora_params_per_rank(model: nn.Module) -> int:
 
 def rank_for_budget(model: nn.Module, n_params: int) -> int:
     """The rank whose LoRA parameter count is closest to n_params."""
-    return max(1, round(n_params / lora_params_per_rank(model)))
+    if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params <= 0:
+        raise ValueError(f"n_params must be a positive int, got {n_params!r}")
+    per_rank = lora_params_per_rank(model)
+    if per_rank == 0:
+        raise ValueError(f"{type(model).__name__} has no LoRA target layers (nn.Linear named one of {TARGETS})")
+    return max(1, round(n_params / per_rank))
 
 
 def add_lora(model: nn.Module, rank: int) -> list[nn.Parameter]:
     """Freeze `model`, wrap every attention and MLP projection with LoRA; returns the new
-    trainable parameters."""
+    trainable parameters. Once per model: a second call would freeze the first adapters."""
+    _check_rank(rank)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has LoRA adapters (add_lora was called on it); "
+                         f"use its existing adapters or a fresh model")
+    if not any(True for _ in _targets(model)):
+        raise ValueError(f"{type(model).__name__} has no LoRA target layers (nn.Linear named one of {TARGETS})")
     model.requires_grad_(False)
     params = []
     for parent, name, child in list(_targets(model)):

@@ -380,3 +380,29 @@ def test_train_config_keeps_valid_settings():
     from calm_fast.train import TrainConfig
     cfg = TrainConfig(lr=1, min_lr_ratio=0, clip=0, weight_decay=0, betas=[0, 0.999], progress=False)
     assert cfg.betas == (0.0, 0.999) and TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+def test_lora_misuse_is_refused():
+    """Regression: a second add_lora froze the first adapters and returned []; rank=1.5/True
+    failed inside torch.empty; rank_for_budget on a model without targets divided by zero."""
+    from calm_fast import lora
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(**CFG))
+    first = lora.add_lora(model, 2)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.add_lora(model, 2)
+    assert first and all(p.requires_grad for p in first)
+    for rank in (1.5, True, 0, -1):
+        with pytest.raises(ValueError, match="LoRA rank must be a positive int"):
+            lora.add_lora(Decoder(DecoderConfig(**CFG)), rank)
+    with pytest.raises(ValueError, match="alpha"):
+        lora.LoRALinear(torch.nn.Linear(2, 2), 1, alpha=math.nan)
+    empty = torch.nn.Sequential(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="no LoRA target layers"):
+        lora.rank_for_budget(empty, 100)
+    with pytest.raises(ValueError, match="no LoRA target layers"):
+        lora.add_lora(empty, 1)
+    with pytest.raises(ValueError, match="n_params must be a positive int"):
+        lora.rank_for_budget(Decoder(DecoderConfig(**CFG)), 0)
