@@ -56,6 +56,17 @@ def check_mapping(mapping, n_augment: int, n_anchor: int) -> list[tuple[int, int
     return pairs
 
 
+def write_bridges(directory, tensors: dict[str, torch.Tensor], config: CompositionConfig) -> None:
+    """What CALM.save_bridges writes, from a bridges state dict (e.g. gathered from shards):
+    bridges.safetensors with the config in its metadata (the one atomic commit), then the
+    readable copy calm_config.json."""
+    directory = Path(directory)
+    cfg = config.to_dict()
+    checkpoint.save_tensors(directory / BRIDGES_FILE, tensors,
+                            metadata={CONFIG_META: json.dumps(cfg, sort_keys=True)})
+    checkpoint.save_json(directory / CONFIG_FILE, cfg)
+
+
 def read_bridges(directory) -> tuple[CompositionConfig, dict[str, torch.Tensor], Path]:
     """(config, tensors, where the config came from) of a directory written by save_bridges.
 
@@ -168,11 +179,7 @@ class CALM(nn.Module):
         atomically (temp file + rename: the one commit point of a save), then calm_config.json,
         a readable copy that loading does not rely on. A crash at any point leaves a directory
         whose bridges.safetensors is one whole save, tensors and config together."""
-        directory = Path(directory)
-        cfg = self.config.to_dict()
-        checkpoint.save_tensors(directory / BRIDGES_FILE, dict(self.bridges.state_dict()),
-                                metadata={CONFIG_META: json.dumps(cfg, sort_keys=True)})
-        checkpoint.save_json(directory / CONFIG_FILE, cfg)
+        write_bridges(directory, dict(self.bridges.state_dict()), self.config)
 
     def load_bridges(self, directory) -> None:
         """Load Θ_C saved by save_bridges; refuses a composition that differs from this one
