@@ -13,7 +13,9 @@ Engines:
             CUDAExecutionProvider (--device cuda; recorded as missing when this onnxruntime
             has no CUDA EP); with --attention standard mha, also ort_<device>_mha (the export with
             com.microsoft MultiHeadAttention)
-JSON goes to bench/results/onnx_<device>.json.
+JSON goes to bench/results/onnx_<device>.json. An engine whose greedy tokens differ from eager's
+(same_tokens_as_eager false: its speed is not comparable) is also a WARNING on stderr and an entry
+of the report's "warnings". Bad arguments are argparse errors (exit 2) before any work.
 """
 from __future__ import annotations
 
@@ -44,19 +46,62 @@ eo = importlib.import_module("calm_fast.onnx_export")
 from calm_fast.generate import left_pad  # noqa: E402
 
 
+MAX_SEQ_LEN = 512
+
+
 def heads(dim: int) -> int:
     """Heads of 64 channels; a model narrower than 64 gets one head."""
     return max(1, dim // 64)
+
+
+def kv_heads(dim: int) -> int:
+    """The anchor's KV heads: one per 128 channels (GQA, 2 query heads per KV head)."""
+    return max(1, dim // 128)
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every argument the run would trip over later, as an argparse error (exit 2) before any
+    export or timing."""
+    for flag in ("anchor_dim", "augment_dim"):
+        dim = getattr(args, flag)
+        if dim <= 0 or dim % heads(dim):
+            p.error(f"--{flag.replace('_', '-')} must be a positive multiple of its {heads(max(dim, 1))} heads "
+                    f"of 64 channels (or below 64), got {dim}")
+    h, kv = heads(args.anchor_dim), kv_heads(args.anchor_dim)
+    if h % kv:
+        p.error(f"--anchor-dim {args.anchor_dim} gives {h} heads of 64 channels and {kv} KV heads (one per "
+                f"128 channels), and {h} is not divisible by {kv}: use a multiple of 128 (or below 128)")
+    for flag in ("anchor_layers", "augment_layers", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens must be >= 2 (decode tokens/s times the steps after the first new token), "
+                f"got {args.new_tokens}")
+    if args.vocab < 2:
+        p.error(f"--vocab must be >= 2 (prompt ids are drawn from 1..vocab-1), got {args.vocab}")
+    bad = [b for b in args.batches if b < 1]
+    if bad:
+        p.error(f"--batches must all be >= 1, got {bad[0]}")
+    # prompts_for shortens row i by i % 4 tokens: the shortest row must keep one token.
+    shortest = args.prompt_len - min(max(args.batches) - 1, 3)
+    if shortest < 1:
+        p.error(f"--prompt-len {args.prompt_len} is too short for batch {max(args.batches)}: row i has "
+                f"prompt-len - (i % 4) tokens, so it must be >= {min(max(args.batches), 4)}")
+    if args.prompt_len + args.new_tokens > MAX_SEQ_LEN:
+        p.error(f"--prompt-len + --new-tokens must be <= {MAX_SEQ_LEN} (the models' max_seq_len), got "
+                f"{args.prompt_len} + {args.new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
 
 
 def build_model(args) -> cf.CALM:
     torch.manual_seed(0)
     anchor = cf.Decoder(cf.DecoderConfig(arch="llama", vocab_size=args.vocab, dim=args.anchor_dim,
                                          n_layers=args.anchor_layers, n_heads=heads(args.anchor_dim),
-                                         n_kv_heads=max(1, args.anchor_dim // 128), max_seq_len=512))
+                                         n_kv_heads=kv_heads(args.anchor_dim), max_seq_len=MAX_SEQ_LEN))
     augment = cf.Decoder(cf.DecoderConfig(arch="llama", vocab_size=args.vocab, dim=args.augment_dim,
                                           n_layers=args.augment_layers, n_heads=heads(args.augment_dim),
-                                          max_seq_len=512))
+                                          max_seq_len=MAX_SEQ_LEN))
     calm = cf.CALM(anchor, [augment], mode="aligned")
     for p in calm.trainable_parameters():
         torch.nn.init.normal_(p, std=0.02)  # non-zero W_o: the bridges really contribute
@@ -140,18 +185,14 @@ def main(argv=None):
                    help="skip torch.compile (its CPU build takes minutes per batch size on 2 cores)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    for flag in ("anchor_dim", "augment_dim"):
-        dim = getattr(args, flag)
-        if dim <= 0 or dim % heads(dim):
-            p.error(f"--{flag.replace('_', '-')} must be a positive multiple of its {heads(max(dim, 1))} heads "
-                    f"of 64 channels (or below 64), got {dim}")
+    check_args(p, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     calm = build_model(args)
-    results, notes = [], []
+    results, notes, warnings = [], [], []
     provider = "cuda" if args.device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         gens = {}  # engine name -> OrtGenerator, one per exported attention form
@@ -187,6 +228,12 @@ def main(argv=None):
             ref = row["eager"]["_ids"]
             for name, r in row.items():
                 r["same_tokens_as_eager"] = r.pop("_ids") == ref
+                if not r["same_tokens_as_eager"]:
+                    # Its speed is not comparable: it did not compute what eager did.
+                    msg = (f"batch {batch} {name}: greedy tokens differ from eager's "
+                           f"(same_tokens_as_eager is False)")
+                    warnings.append(msg)
+                    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
                 results.append(r)
             for name in gens:
                 for base in ("eager", "compiled"):
@@ -200,6 +247,7 @@ def main(argv=None):
         "ort_providers": ort.get_available_providers(), "threads": torch.get_num_threads(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "ops_backends": cf.ops.available_backends(device), "results": results, "notes": notes,
+        "warnings": warnings,
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"onnx_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,63 @@ def test_bench_decode_call_and_roofline(tmp_path):
     report = json.loads(out.read_text())
     for key in ("anchor_fraction_of_roofline", "composition_overhead", "composition_overhead_single_step"):
         assert math.isfinite(report[key]) and report[key] > 0, (key, report[key])
+
+
+def _bench_onnx_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("calm_bench_onnx", ROOT / "bench" / "bench_onnx.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_ONNX_TINY = ["--prompt-len", "5", "--new-tokens", "3", "--repeats", "1", "--vocab", "64", "--anchor-dim", "64",
+              "--anchor-layers", "2", "--augment-dim", "32", "--augment-layers", "2", "--no-compile",
+              "--threads", "1", "--batches", "1"]
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--new-tokens", "1"], "--new-tokens"), (["--new-tokens", "0"], "--new-tokens"),
+    (["--repeats", "0"], "--repeats"), (["--batches", "0"], "--batches"),
+    (["--batches", "4", "--prompt-len", "3"], "--prompt-len"), (["--anchor-dim", "320"], "--anchor-dim"),
+    (["--anchor-layers", "0"], "--anchor-layers"), (["--vocab", "1"], "--vocab"),
+    (["--threads", "-1"], "--threads"), (["--prompt-len", "500", "--new-tokens", "20"], "--prompt-len"),
+])
+def test_bench_onnx_bad_arguments_are_argparse_errors(monkeypatch, capsys, extra, flag):
+    """Audit bug: these crashed late (ZeroDivisionError, StatisticsError, a prompt error naming no
+    flag, DecoderConfig's heads/kv-heads error), some after every engine had run."""
+    pytest.importorskip("onnxruntime")
+    bench = _bench_onnx_module()
+
+    def no_work(*a, **k):
+        raise AssertionError("the benchmark started before its arguments were checked")
+    monkeypatch.setattr(bench, "build_model", no_work)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(_ONNX_TINY + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err, err
+
+
+def test_bench_onnx_warns_when_tokens_differ(tmp_path, monkeypatch, capsys):
+    """same_tokens_as_eager False (an engine computed something else, so its speed means
+    nothing) is a visible warning on stderr and in the report, not only a field of one row."""
+    pytest.importorskip("onnxruntime")
+    bench = _bench_onnx_module()
+
+    class Wrong(bench.OrtGenerator):
+        def stream(self, *a, **k):
+            for nxt in super().stream(*a, **k):
+                yield (nxt + 1) % self.vocab_size
+    monkeypatch.setattr(bench, "OrtGenerator", Wrong)
+    out = tmp_path / "onnx.json"
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        bench.main(_ONNX_TINY + ["--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main() sets --threads for this process
+    report = json.loads(out.read_text())
+    assert [r["same_tokens_as_eager"] for r in report["results"] if r["engine"] == "ort_cpu"] == [False]
+    assert len(report["warnings"]) == 1 and "ort_cpu" in report["warnings"][0], report["warnings"]
+    assert "WARNING: batch 1 ort_cpu: greedy tokens differ from eager's" in capsys.readouterr().err
