@@ -13,6 +13,10 @@
  *              key_padding_mask (B,S) or NULL, out (B,1,D_B).
  * Masks: CF_MASK_ALIGNED: query i sees key j iff j <= i + (Tk - Tq); CF_MASK_CONTEXT: all
  * keys. A query row that sees no key outputs 0, has lse = -inf and gets zero gradients.
+ * Written tensors (out, lse, dq, dk, dv; k_cache/v_cache when the decode step appends) must not
+ * overlap themselves (no stride 0 over a dim of size > 1) nor, by byte range, an input or
+ * another output (CF_ERR_VALUE); the decode step's out may be h_b itself. Inputs may share
+ * memory (e.g. q/k/v slices of one packed tensor).
  *
  * The CPU functions live in the calm_fast._C module (and any library built from csrc/cpu);
  * the CUDA ones in calm_fast._C_cuda, which alone links the CUDA runtime.
@@ -66,7 +70,8 @@ typedef struct cf_tensor {
 CF_API const char* cf_last_error(void);
 CF_API const char* cf_version(void);
 
-/* Threads used by the CPU kernels; 0 (default) = the OpenMP default. */
+/* Threads used by the CPU kernels; 0 (default) = the OpenMP default; at most 4096 (and
+ * omp_get_thread_limit()). */
 CF_API cf_status cf_set_num_threads(int32_t n);
 
 /* ---- CPU (fp32, fp64, bf16 storage; accumulation in fp32, fp64 for fp64) ---- */
@@ -82,7 +87,8 @@ CF_API cf_status cf_attn_bwd_cpu(const cf_tensor* q, const cf_tensor* k, const c
                                  const cf_tensor* dk, const cf_tensor* dv);
 
 /* One bridge decode step. With h_a: writes its K/V into cache row pos, attends over
- * rows [0, pos]. Without (h_a NULL, context mode): attends over rows [0, pos). */
+ * rows [0, pos] (also when D_A = 0: the row is b_kv). Without (h_a NULL, context mode):
+ * attends over rows [0, pos). */
 CF_API cf_status cf_decode_step_cpu(const cf_tensor* h_b, const cf_tensor* h_a,
                                     const cf_tensor* w_q, const cf_tensor* w_kv,
                                     const cf_tensor* b_kv, const cf_tensor* w_o,
@@ -95,7 +101,8 @@ CF_API cf_status cf_attn_fwd_cuda(const cf_tensor* q, const cf_tensor* k, const 
                                   const cf_tensor* key_padding_mask, int32_t mask,
                                   const cf_tensor* out, const cf_tensor* lse, void* stream);
 
-/* Bytes of device scratch cf_decode_step_cuda needs for these sizes (-1 on bad sizes). */
+/* Bytes of device scratch cf_decode_step_cuda needs for these sizes (-1 on bad sizes or when
+ * the count does not fit in int64; cf_last_error() names them). */
 CF_API int64_t cf_decode_workspace_bytes_cuda(int64_t batch, int64_t d_b, int64_t n_heads,
                                               int64_t n_rows);
 

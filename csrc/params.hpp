@@ -30,9 +30,10 @@ struct DecodeParams {
   int dtype = CF_F32;  // every tensor but the mask
   int64_t B = 0, H = 0, D = 0, DB = 0, DA = 0, S = 0, pos = 0;
   int64_t n = 0;  // cache rows attended: pos + 1 with h_a, pos without
+  bool append = false;  // aligned mode: h_a given, its K/V row written at pos (h_a may be NULL when D_A = 0)
   const void* h_b = nullptr;
   int64_t shb = 0;  // batch stride of h_b (the row itself is contiguous)
-  const void* h_a = nullptr;  // nullptr: context mode
+  const void* h_a = nullptr;  // read only when append and DA > 0
   int64_t sha = 0;
   const void *w_q = nullptr, *w_kv = nullptr, *b_kv = nullptr, *w_o = nullptr;
   int64_t swq = 0, swkv = 0, sbkv = 0, swo = 0;  // row strides (bias: element stride)

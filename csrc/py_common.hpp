@@ -4,6 +4,7 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -36,7 +37,10 @@ inline std::optional<cf_tensor> to_desc(py::handle obj, const char* name) {
     throw py::value_error(std::string(name) + ": data_ptr must be a non-negative int");
   }
   d.data = reinterpret_cast<void*>(static_cast<uintptr_t>(ptr));
-  d.dtype = static_cast<int32_t>(to_i64(t[1], "dtype"));
+  const int64_t code = to_i64(t[1], "dtype");
+  if (code < INT32_MIN || code > INT32_MAX)  // not truncated into a valid code: 2**32 is not float32
+    throw py::type_error(std::string(name) + ": unknown dtype code " + std::to_string(code));
+  d.dtype = static_cast<int32_t>(code);
   py::sequence shape = t[2].cast<py::sequence>(), strides = t[3].cast<py::sequence>();
   if (py::len(shape) > CF_MAX_DIMS || py::len(shape) != py::len(strides))
     throw py::value_error(std::string(name) + ": shape and strides must have the same length <= 4");

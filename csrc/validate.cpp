@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 namespace cf {
 namespace {
@@ -29,8 +30,10 @@ cf_status check(const char* name, const cf_tensor* t, int ndim, std::initializer
   if (!dtype_ok) {
     std::string allowed;
     for (int d : dtypes) allowed += std::string(allowed.empty() ? "" : ", ") + dtype_name(d);
-    return set_error(CF_ERR_DTYPE, std::string(name) + ": dtype " + dtype_name(t->dtype) +
-                                       " is not supported here (allowed: " + allowed + ")");
+    const std::string got = dtype_size(t->dtype) > 0 ? std::string("dtype ") + dtype_name(t->dtype)
+                                                     : "unknown dtype code " + std::to_string(t->dtype);
+    return set_error(CF_ERR_DTYPE, std::string(name) + ": " + got + " is not supported here (allowed: " +
+                                       allowed + ")");
   }
   int64_t numel = 1, last = 0;
   for (int i = 0; i < ndim; ++i) {
@@ -81,6 +84,77 @@ std::initializer_list<int> float_dtypes(Backend be) {
 
 void copy3(const cf_tensor* t, int64_t* s) { s[0] = t->stride[0]; s[1] = t->stride[1]; s[2] = t->stride[2]; }
 
+std::string strides(const cf_tensor* t) {
+  std::string s = "(";
+  for (int i = 0; i < t->ndim; ++i) s += std::to_string(t->stride[i]) + (i + 1 < t->ndim ? ", " : "");
+  return s + (t->ndim == 1 ? ",)" : ")");
+}
+
+// Memory a checked tensor may touch, as a byte range [lo, hi) (empty when it has no element).
+struct Span {
+  const char* name;
+  unsigned __int128 lo = 0, hi = 0;
+};
+
+Span span_of(const char* name, const cf_tensor* t) {
+  Span s{name};
+  int64_t last = 0;
+  for (int i = 0; i < t->ndim; ++i) {
+    if (t->shape[i] == 0) return s;
+    last += (t->shape[i] - 1) * t->stride[i];  // check() ruled out overflow
+  }
+  s.lo = reinterpret_cast<uintptr_t>(t->data);
+  s.hi = s.lo + (unsigned __int128)(last + 1) * dtype_size(t->dtype);
+  return s;
+}
+
+bool intersect(const Span& a, const Span& b) { return a.lo < a.hi && b.lo < b.hi && a.lo < b.hi && b.lo < a.hi; }
+
+// A tensor that is written must not have two elements at one address: no stride 0 over a
+// dimension of size > 1, and (dimensions sorted by stride) each stride beyond the farthest
+// offset the smaller ones reach. Conservative: refuses a few exotic non-overlapping layouts.
+cf_status check_no_self_overlap(const char* name, const cf_tensor* t) {
+  int order[CF_MAX_DIMS], n = 0;
+  for (int i = 0; i < t->ndim; ++i) {
+    if (t->shape[i] == 0) return CF_OK;
+    if (t->shape[i] > 1) order[n++] = i;
+  }
+  for (int a = 0; a < n; ++a)
+    if (t->stride[order[a]] == 0)
+      return set_error(CF_ERR_VALUE, std::string(name) + ": stride 0 over dim " + std::to_string(order[a]) +
+                                         " of size " + std::to_string(t->shape[order[a]]) +
+                                         " (shape " + dims(t) + ", strides " + strides(t) +
+                                         "): a written tensor must not have elements sharing memory");
+  for (int a = 1; a < n; ++a)  // insertion sort by stride
+    for (int b = a; b > 0 && t->stride[order[b]] < t->stride[order[b - 1]]; --b) std::swap(order[b], order[b - 1]);
+  int64_t reach = 0;
+  for (int a = 0; a < n; ++a) {
+    const int i = order[a];
+    if (t->stride[i] <= reach)
+      return set_error(CF_ERR_VALUE, std::string(name) + ": strides " + strides(t) + " for shape " + dims(t) +
+                                         " make elements overlap: a written tensor must not have elements sharing memory");
+    reach += (t->shape[i] - 1) * t->stride[i];
+  }
+  return CF_OK;
+}
+
+// Every written tensor against every other written one and every read one (byte ranges).
+cf_status check_disjoint(std::initializer_list<Span> written, std::initializer_list<Span> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    for (auto o = w + 1; o != written.end(); ++o)
+      if (intersect(*w, *o))
+        return set_error(CF_ERR_VALUE, std::string(w->name) + ": overlaps " + o->name +
+                                           " in memory (the outputs must not share memory)");
+    for (const Span& r : read)
+      if (intersect(*w, r))
+        return set_error(CF_ERR_VALUE, std::string(w->name) + ": overlaps the input " + r.name +
+                                           " in memory (an output must not share memory with an input)");
+  }
+  return CF_OK;
+}
+
+Span span_or_empty(const char* name, const cf_tensor* t) { return t == nullptr ? Span{name} : span_of(name, t); }
+
 #define CF_TRY(expr)                   \
   do {                                 \
     cf_status s_ = (expr);             \
@@ -112,13 +186,14 @@ int64_t dtype_size(int dtype) {
     case CF_F64: return 8;
     case CF_F32: return 4;
     case CF_BF16: case CF_F16: return 2;
-    default: return 1;
+    case CF_BOOL: return 1;
+    default: return 0;  // unknown code (check() refuses it before any size is needed)
   }
 }
 
 cf_status make_attn_params(Backend be, const cf_tensor* q, const cf_tensor* k, const cf_tensor* v,
                            const cf_tensor* kpm, int32_t mask, const cf_tensor* out,
-                           const cf_tensor* lse, AttnParams* p) {
+                           const cf_tensor* lse, AttnParams* p, bool outputs_written) {
   if (p == nullptr) return set_error(CF_ERR_INTERNAL, "params pointer is NULL");
   if (mask != CF_MASK_ALIGNED && mask != CF_MASK_CONTEXT)
     return set_error(CF_ERR_VALUE, "mask: expected 0 (aligned) or 1 (context), got " + std::to_string(mask));
@@ -147,6 +222,12 @@ cf_status make_attn_params(Backend be, const cf_tensor* q, const cf_tensor* k, c
     p->skpm[0] = kpm->stride[0];
     p->skpm[1] = kpm->stride[1];
   }
+  if (outputs_written) {
+    CF_TRY(check_no_self_overlap("out", out));
+    CF_TRY(check_no_self_overlap("lse", lse));
+    CF_TRY(check_disjoint({span_of("out", out), span_of("lse", lse)},
+                          {span_of("q", q), span_of("k", k), span_of("v", v), span_or_empty("key_padding_mask", kpm)}));
+  }
   p->dtype = dt;
   p->B = B; p->H = H; p->Tq = Tq; p->Tk = Tk; p->D = D;
   p->aligned = mask == CF_MASK_ALIGNED;
@@ -155,7 +236,9 @@ cf_status make_attn_params(Backend be, const cf_tensor* q, const cf_tensor* k, c
   return CF_OK;
 }
 
-cf_status add_attn_backward(const cf_tensor* dout, const cf_tensor* dq, const cf_tensor* dk,
+cf_status add_attn_backward(const cf_tensor* q, const cf_tensor* k, const cf_tensor* v,
+                            const cf_tensor* kpm, const cf_tensor* out, const cf_tensor* lse,
+                            const cf_tensor* dout, const cf_tensor* dq, const cf_tensor* dk,
                             const cf_tensor* dv, AttnParams* p) {
   const int dt = p->dtype;
   CF_TRY(check("dout", dout, 4, {dt}));
@@ -166,6 +249,12 @@ cf_status add_attn_backward(const cf_tensor* dout, const cf_tensor* dq, const cf
   CF_TRY(expect("dq", dq, {p->B, p->H, p->Tq, p->D}));
   CF_TRY(expect("dk", dk, {p->B, p->H, p->Tk, p->D}));
   CF_TRY(expect("dv", dv, {p->B, p->H, p->Tk, p->D}));
+  CF_TRY(check_no_self_overlap("dq", dq));
+  CF_TRY(check_no_self_overlap("dk", dk));
+  CF_TRY(check_no_self_overlap("dv", dv));
+  CF_TRY(check_disjoint({span_of("dq", dq), span_of("dk", dk), span_of("dv", dv)},
+                        {span_of("q", q), span_of("k", k), span_of("v", v), span_or_empty("key_padding_mask", kpm),
+                         span_of("out", out), span_of("dout", dout), span_of("lse", lse)}));
   p->dout = dout->data; p->dq = dq->data; p->dk = dk->data; p->dv = dv->data;
   copy3(dout, p->sdo); copy3(dq, p->sdq); copy3(dk, p->sdk); copy3(dv, p->sdv);
   return CF_OK;
@@ -209,8 +298,11 @@ cf_status make_decode_params(Backend be, const cf_tensor* h_b, const cf_tensor* 
     if (pos < 0 || pos >= S)
       return set_error(CF_ERR_VALUE, "pos=" + std::to_string(pos) + " is outside the cache of " +
                                          std::to_string(S) + " rows");
-    p->h_a = h_a->data; p->sha = h_a->stride[0];
-    p->w_kv = w_kv->data; p->swkv = w_kv->stride[0];
+    // Aligned mode is the descriptor's (h_a given), not its data pointer's: with D_A = 0
+    // the empty h_a and w_kv may have NULL data, and the new row is then b_kv.
+    p->append = true;
+    p->h_a = h_a->data; p->sha = DA > 0 ? h_a->stride[0] : 0;  // D_A = 0: never read
+    p->w_kv = w_kv->data; p->swkv = DA > 0 ? w_kv->stride[0] : 0;
     p->b_kv = b_kv->data; p->sbkv = b_kv->stride[0];
     p->n = pos + 1;
   } else {
@@ -225,6 +317,23 @@ cf_status make_decode_params(Backend be, const cf_tensor* h_b, const cf_tensor* 
     p->kpm = static_cast<const uint8_t*>(kpm->data);
     p->skpm[0] = kpm->stride[0];
     p->skpm[1] = kpm->stride[1];
+  }
+  // Written: out, and the caches when a row is appended (read-only in context mode). `out`
+  // may be h_b itself (same address and row stride: each element is read before written).
+  const bool append = h_a != nullptr;
+  const bool out_is_h_b = out->data == h_b->data && (B <= 1 || out->stride[0] == h_b->stride[0]);
+  const Span s_out = span_of("out", out), s_hb = out_is_h_b ? Span{"h_b"} : span_of("h_b", h_b);
+  const Span s_kc = span_of("k_cache", k_cache), s_vc = span_of("v_cache", v_cache);
+  const Span s_ha = span_or_empty("h_a", h_a), s_wkv = span_or_empty("w_kv", append ? w_kv : nullptr),
+             s_bkv = span_or_empty("b_kv", append ? b_kv : nullptr), s_kpm = span_or_empty("key_padding_mask", kpm);
+  const Span s_wq = span_of("w_q", w_q), s_wo = span_of("w_o", w_o);
+  CF_TRY(check_no_self_overlap("out", out));
+  if (append) {
+    CF_TRY(check_no_self_overlap("k_cache", k_cache));
+    CF_TRY(check_no_self_overlap("v_cache", v_cache));
+    CF_TRY(check_disjoint({s_out, s_kc, s_vc}, {s_hb, s_ha, s_wq, s_wkv, s_bkv, s_wo, s_kpm}));
+  } else {
+    CF_TRY(check_disjoint({s_out}, {s_hb, s_wq, s_wo, s_kc, s_vc, s_kpm}));
   }
   p->dtype = dt;
   p->B = B; p->H = H; p->D = D; p->DB = DB; p->DA = DA; p->S = S; p->pos = pos;

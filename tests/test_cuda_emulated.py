@@ -11,12 +11,13 @@ check: speed, and races that need a GPU's memory model; those stay with
 tests/test_cuda_ops.py on a GPU (bench/gpu_check.sh)."""
 from __future__ import annotations
 
+import ctypes
 
 import pytest
 import torch
 
 from calm_fast.ops import reference as ref
-from cuda_emulator import _desc, attend, build, decode_step, emulated_gpu
+from cuda_emulator import CfTensor, _desc, attend, build, decode_step, emulated_gpu
 from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
 from test_native_ops import _decode_case, make_kpm, rel
 
@@ -259,6 +260,77 @@ def test_neginf_score_key_with_nonfinite_value_gives_nan_in_its_column(emu, dtyp
         with emulated_gpu(CF_EMU_SMS=sms):
             got = decode_step(emu, h_b, None, w_q, None, None, w_o, kc.clone(), vc.clone(), 90, 2, kpm)
         assert got.isnan().all(), sms
+
+
+def test_decode_step_with_zero_augment_width_appends_the_bias(emu):
+    """D_A = 0: the empty h_a and w_kv have NULL data pointers; the mode comes from the
+    descriptor (h_a given), so the new K/V row b_kv is still written and attended."""
+    b, h, hd, s, pos = 2, 2, 4, 5, 2
+    gen = torch.Generator().manual_seed(0)
+    d_b = h * hd
+    h_b, h_a = torch.randn(b, 1, d_b, generator=gen), torch.empty(b, 1, 0)
+    w_q, w_o = torch.randn(d_b, d_b, generator=gen), torch.randn(d_b, d_b, generator=gen)
+    w_kv, b_kv = torch.empty(2 * d_b, 0), torch.randn(2 * d_b, generator=gen)
+    kc, vc = torch.randn(b, h, s, hd, generator=gen), torch.randn(b, h, s, hd, generator=gen)
+    kr, vr, ke, ve = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    want = ref.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kr, vr, pos, h)
+    got = decode_step(emu, h_b, h_a, w_q, w_kv, b_kv, w_o, ke, ve, pos, h)
+    assert torch.equal(ke, kr) and torch.equal(ve, vr)
+    assert rel(got, want) <= 1e-5
+
+
+def test_decode_workspace_bytes_refuses_sizes_that_overflow(emu):
+    f = emu.cf_decode_workspace_bytes_cuda
+    f.argtypes = [ctypes.c_int64] * 4
+    assert f(1, 4096, 32, 2048) > 0
+    # Inside the size caps, but B * H * chunks * (D + 4) * 4 bytes is beyond int64 (it used
+    # to wrap to a small positive count a caller would allocate).
+    for args in [(2 ** 20, 2 ** 20, 2 ** 20, 2 ** 30), (2 ** 19, 2 ** 20, 2 ** 20, 2 ** 30),
+                 (2 ** 20, 2 ** 20, 2 ** 20, 2 ** 29 + 16)]:
+        assert f(*args) == -1, args
+        msg = emu.cf_last_error().decode()
+        assert f"batch={args[0]}, d_b={args[1]}, n_heads={args[2]}, n_rows={args[3]}" in msg and "int64" in msg
+    assert f(1, 6, 4, 8) == -1 and "multiple of n_heads" in emu.cf_last_error().decode()
+
+
+def test_attention_grid_limit_error_names_the_sizes(emu):
+    """Sizes past the launch grid are refused before any memory is touched: inputs are stride-0
+    views of a small buffer, outputs dense descriptors at an unused address (never written)."""
+    buf = torch.zeros(64)
+
+    def d(shape, ptr=None, dense=False):
+        n = len(shape)
+        strides = [0] * (n - 1) + [1]
+        if dense:
+            for i in range(n - 2, -1, -1):
+                strides[i] = strides[i + 1] * shape[i + 1]
+        return ctypes.byref(CfTensor(buf.data_ptr() if ptr is None else ptr, 0, n,
+                                     (ctypes.c_int64 * 4)(*shape, *[0] * (4 - n)),
+                                     (ctypes.c_int64 * 4)(*strides, *[0] * (4 - n))))
+
+    far = 1 << 44  # outputs' descriptors: validated, never dereferenced (the launch is refused)
+    for (b, h, tq), what in [((65536, 1, 1), "B exceeds the CUDA attention grid's limit of 65535"),
+                             ((1, 70000, 1), "H exceeds the CUDA attention grid's limit of 65535"),
+                             ((1, 1, 2 ** 33 + 8), "Tq exceeds the CUDA attention grid's limit of 8589934588")]:
+        status = emu.cf_attn_fwd_cuda(d([b, h, tq, 4]), d([b, h, 1, 4]), d([b, h, 1, 4]), None, 1,
+                                      d([b, h, tq, 4], far, True), d([b, h, tq], far + (1 << 40), True), None)
+        msg = emu.cf_last_error().decode()
+        assert status == 2 and f"B={b}, H={h}, Tq={tq}" in msg and what in msg, msg
+
+
+def test_cuda_entry_points_refuse_overlapping_writes(emu):
+    """The checks of csrc/validate.cpp (shared with the CPU entry points) on the CUDA ones."""
+    args = _decode_args(2, 2, 4, 3, 6, False, "none", torch.float32)
+    kc = args[6]
+    with pytest.raises(ValueError, match="k_cache: stride 0 over dim 0 of size 2"):
+        decode_step(emu, *args[:6], kc[:1].expand_as(kc), args[7], 2, 2)
+    with pytest.raises(ValueError, match="k_cache: overlaps v_cache"):
+        decode_step(emu, *args[:6], kc, kc, 2, 2)
+    q, k, v, _ = _attn_inputs((1, 2, 8, 8, 4), "none", torch.float32)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 8)
+    assert emu.cf_attn_fwd_cuda(_desc(q), _desc(k), _desc(v), None, 1, _desc(k), _desc(lse), None) == 2
+    assert b"out: overlaps the input k" in emu.cf_last_error()
+    assert emu.cf_attn_fwd_cuda(_desc(q), _desc(k), _desc(v), None, 1, _desc(out), _desc(lse), None) == 0
 
 
 def test_emulator_reports_divergent_collectives_and_runs_its_primitives(emu):

@@ -305,6 +305,21 @@ def test_bad_decode_inputs_raise_clear_errors():
         call(*args[:6], strided, args[7], 0, 2)
 
 
+def test_required_tensors_given_as_none_raise_type_error():
+    q, k, v, _ = _attention_case((1, 1, 2, 3, 4), "context", "none", torch.float32)
+    for i, name in enumerate("qkv"):
+        args = [q, k, v]
+        args[i] = None
+        with pytest.raises(TypeError, match=f"cross_attention: {name} must be a tensor, got NoneType"):
+            native.cross_attention(*args, "context")
+    args = list(_decode_case(1, 2, 4, 3, 5, torch.float32, False, "none"))
+    for i, name in ((0, "h_b"), (2, "w_q"), (5, "w_o"), (6, "k_cache"), (7, "v_cache")):
+        bad = list(args[:8])
+        bad[i] = None
+        with pytest.raises(TypeError, match=f"bridge_decode_step: {name} must be a tensor, got NoneType"):
+            native.bridge_decode_step(*bad, 1, 2)
+
+
 def _so_path() -> str:
     return native._C.__file__
 
@@ -333,7 +348,8 @@ def test_c_api_rejects_null_negative_and_overflowing_sizes():
         return lib.cf_attn_fwd_cpu(*ptrs, None, 0, ctypes.byref(out), ctypes.byref(lse))
 
     ok = t([1, 1, 2, 4])
-    assert fwd(ok, ok, ok, t([1, 1, 2, 4]), t([1, 1, 2])) == 0
+    obuf, lbuf = torch.zeros(8), torch.zeros(2)  # outputs must not share memory with inputs
+    assert fwd(ok, ok, ok, t([1, 1, 2, 4], ptr=obuf.data_ptr()), t([1, 1, 2], ptr=lbuf.data_ptr())) == 0
     assert fwd(None, ok, ok, ok, t([1, 1, 2])) == 1
     assert b"q: tensor descriptor is NULL" in lib.cf_last_error()
     assert fwd(ok, t([1, 1, 2, 4], ptr=0), ok, ok, t([1, 1, 2])) == 1
@@ -350,6 +366,115 @@ def test_c_api_rejects_null_negative_and_overflowing_sizes():
     assert b"float16" in lib.cf_last_error()
     assert lib.cf_decode_step_cpu(None, None, None, None, None, None, None, None, None,
                                   ctypes.c_int64(0), ctypes.c_int64(1), None) == 1
+
+
+def test_written_tensors_must_not_overlap_themselves_or_inputs():
+    """out/lse (forward), dq/dk/dv (backward), out and the appended caches (decode step) are
+    refused when they overlap themselves (stride 0 over a dim of size > 1) or share memory with
+    an input or another output; legitimate slices of one buffer still pass."""
+    lib = ctypes.CDLL(_so_path())
+    lib.cf_last_error.restype = ctypes.c_char_p
+    T = _desc_struct()
+
+    def d(t, shape=None, stride=None):
+        shape, stride = list(t.shape if shape is None else shape), list(t.stride() if stride is None else stride)
+        n = len(shape)
+        return ctypes.byref(T(t.data_ptr(), {torch.float32: 0, torch.bool: 4}[t.dtype], n,
+                              (ctypes.c_int64 * 4)(*shape, *[0] * (4 - n)), (ctypes.c_int64 * 4)(*stride, *[0] * (4 - n))))
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=gen) for _ in range(3))
+    out, lse = torch.empty(1, 2, 8, 4), torch.empty(1, 2, 8)
+    fwd = lambda o, l, kk=k: lib.cf_attn_fwd_cpu(d(q), d(kk), d(v), None, 1, o, l)  # noqa: E731
+    assert fwd(d(out), d(lse)) == 0
+    assert fwd(d(k), d(lse)) == 2 and b"out: overlaps the input k" in lib.cf_last_error()
+    assert fwd(d(out), d(out, [1, 2, 8], [16, 8, 1])) == 2 and b"out: overlaps lse" in lib.cf_last_error()
+    row = torch.empty(4)
+    assert fwd(d(row, [1, 2, 8, 4], [0, 0, 0, 1]), d(lse)) == 2
+    assert b"out: stride 0 over dim 1 of size 2" in lib.cf_last_error()
+    assert fwd(d(out), d(lse, [1, 2, 8], [16, 0, 1])) == 2 and b"lse: stride 0" in lib.cf_last_error()
+    assert fwd(d(out, [1, 2, 8, 4], [64, 4, 4, 1]), d(lse)) == 2  # rows 4 apart: elements overlap
+    assert b"out: strides (64, 4, 4, 1)" in lib.cf_last_error()
+    # Inputs may share memory: q, k, v as slices of one packed (B, T, 3, H, d) tensor.
+    qkv = torch.randn(1, 8, 3, 2, 4, generator=gen)
+    pq, pk, pv = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    got = native.cross_attention(pq, pk, pv, "aligned")
+    assert rel(got, ref.cross_attention(pq, pk, pv, "aligned")) <= 1e-5
+    # Backward: dq/dk/dv must not alias the forward's tensors or each other.
+    C = native._C
+    o, l = native.native_attn_fwd(q, k, v, None, "context")
+    dout, dq, dk, dv = (torch.empty(1, 2, 8, 4) for _ in range(4))
+    desc = native._desc
+    C.attn_bwd(desc(q), desc(k), desc(v), None, 1, desc(o), desc(dout), desc(l), desc(dq), desc(dk), desc(dv))
+    with pytest.raises(ValueError, match="dq: overlaps the input dout"):
+        C.attn_bwd(desc(q), desc(k), desc(v), None, 1, desc(o), desc(dout), desc(l), desc(dout), desc(dk), desc(dv))
+    with pytest.raises(ValueError, match="dk: overlaps dv"):
+        C.attn_bwd(desc(q), desc(k), desc(v), None, 1, desc(o), desc(dout), desc(l), desc(dq), desc(dk), desc(dk))
+    # Decode step (aligned mode writes the caches): an expand()ed cache, k and v caches in one
+    # memory, a cache or out over a weight are refused; out = h_b and two halves of one
+    # allocation are fine; context mode only reads the caches (expanded is fine there).
+    b, h, hd, d_a, s, pos = 2, 2, 4, 3, 6, 2
+    args = list(_decode_case(b, h, hd, d_a, s, torch.float32, False, "none"))
+    h_b, h_a, w_q, w_kv, b_kv, w_o, kc, vc, _ = args
+    call = native.bridge_decode_step
+    with pytest.raises(ValueError, match="k_cache is written in place but elements share memory"):
+        call(h_b, h_a, w_q, w_kv, b_kv, w_o, kc[:1].expand_as(kc), vc, pos, h)
+    with pytest.raises(ValueError, match="k_cache: overlaps v_cache"):
+        call(h_b, h_a, w_q, w_kv, b_kv, w_o, kc, kc, pos, h)
+    with pytest.raises(ValueError, match="k_cache: overlaps the input w_q"):
+        buf = torch.randn(b * h * s * hd)  # w_q and k_cache views of one buffer
+        call(h_b, h_a, buf[:w_q.numel()].view(w_q.shape), w_kv, b_kv, w_o, buf.view(kc.shape), vc, pos, h)
+    kv = torch.stack([kc, vc])  # two halves of one allocation
+    want = ref.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc.clone(), vc.clone(), pos, h)
+    assert rel(call(h_b, h_a, w_q, w_kv, b_kv, w_o, kv[0], kv[1], pos, h), want) <= 1e-5
+    ctx = ref.bridge_decode_step(h_b, None, w_q, None, None, w_o, kc[:1].expand_as(kc), vc, pos, h)
+    assert rel(call(h_b, None, w_q, None, None, w_o, kc[:1].expand_as(kc), vc, pos, h), ctx) <= 1e-5
+    kc2, vc2 = kc.clone(), vc.clone()
+    C.decode_step(*[desc(t) for t in (h_b, h_a, w_q, w_kv, b_kv, w_o, kc2, vc2)], None, pos, h, desc(h_b))
+    assert rel(h_b, want) <= 1e-5  # out = h_b (allowed alias)
+    with pytest.raises(ValueError, match="out: overlaps the input w_o"):
+        C.decode_step(*[desc(t) for t in (h_b, h_a, w_q, w_kv, b_kv, w_o, kc, vc)], None, pos, h,
+                      desc(w_o.view(-1)[:b * h * hd].view(b, 1, h * hd)))
+
+
+def test_dtype_codes_are_not_truncated_and_unknown_codes_are_named():
+    C = native._C
+    q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 2)
+    d = lambda t, code=0: (t.data_ptr(), code, tuple(t.shape), t.stride())  # noqa: E731
+    for code in (7, 2 ** 32, 2 ** 32 + 2, -2 ** 40):  # 2**32 used to be read as 0 (float32)
+        with pytest.raises(TypeError, match=f"q: unknown dtype code {code}"):
+            C.attn_fwd(d(q, code), d(k), d(v), None, 1, d(out), d(lse))
+
+
+def test_set_num_threads_refuses_absurd_counts():
+    lib = ctypes.CDLL(_so_path())
+    lib.cf_last_error.restype = ctypes.c_char_p
+    try:
+        assert lib.cf_set_num_threads(1000000) == 2  # libgomp used to abort the process later
+        assert b"num_threads=1000000 exceeds the limit" in lib.cf_last_error()
+        with pytest.raises(ValueError, match="num_threads=5000 exceeds"):
+            native._C.set_num_threads(5000)
+        assert lib.cf_set_num_threads(2) == 0
+    finally:
+        lib.cf_set_num_threads(0)
+
+
+def test_decode_step_with_zero_augment_width_appends_the_bias():
+    # D_A = 0: torch gives the empty h_a / w_kv NULL data pointers; the step is still in
+    # aligned mode (h_a given) and its new K/V row is b_kv (a linear map of zero features).
+    b, h, hd, s, pos = 2, 2, 4, 5, 2
+    gen = torch.Generator().manual_seed(0)
+    d_b = h * hd
+    h_b, h_a = torch.randn(b, 1, d_b, generator=gen), torch.empty(b, 1, 0)
+    w_q, w_o = torch.randn(d_b, d_b, generator=gen), torch.randn(d_b, d_b, generator=gen)
+    w_kv, b_kv = torch.empty(2 * d_b, 0), torch.randn(2 * d_b, generator=gen)
+    kc, vc = torch.randn(b, h, s, hd, generator=gen), torch.randn(b, h, s, hd, generator=gen)
+    kr, vr, kn, vn = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    want = ref.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kr, vr, pos, h)
+    got = native.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kn, vn, pos, h)
+    assert torch.equal(kn, kr) and torch.equal(vn, vr)
+    assert rel(got, want) <= 1e-5
 
 
 def test_bindings_raise_python_exceptions():
@@ -512,6 +637,32 @@ def test_neginf_score_key_with_nonfinite_value_gives_nan_in_its_column():
     want = ref.bridge_decode_step(h_b, None, w_q, None, None, torch.eye(4), kc.clone(), vc.clone(), 5, 1)
     got = native.bridge_decode_step(h_b, None, w_q, None, None, torch.eye(4), kc.clone(), vc.clone(), 5, 1)
     assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+
+
+def test_cuda_backward_math_propagates_nan_rows():
+    """The CUDA backward math (native._attn_bwd_cuda, on CPU tensors) treats only lse = -inf
+    (a row that sees no key) as empty; a NaN lse (NaN score, or every visible score -inf) used
+    to be taken for empty too, so dv missed the NaN the reference gives."""
+    gen = torch.Generator().manual_seed(5)
+    b, h, tq, tk, d = 2, 2, 5, 7, 4
+    q, k, v = (torch.randn(b, h, t, d, generator=gen) for t in (tq, tk, tk))
+    q[0, 0, 1, 0] = float("nan")        # a NaN row
+    q[1, 1, 3] = float("inf")           # with k[1, 1, :, 0] < 0 ...
+    k[1, 1, :, :] = -torch.rand(tk, d, generator=gen) - 0.5  # ... every visible score -inf: NaN row
+    kpm = torch.ones(b, tk, dtype=torch.bool)
+    kpm[0, 5] = False
+    kpm[1, :2] = False
+    dout = torch.randn(b, h, tq, d, generator=gen)
+    for mask in ("aligned", "context"):
+        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+        ref.cross_attention(qr, kr, vr, mask, kpm).backward(dout.double())
+        out, lse = native.native_attn_fwd(q, k, v, kpm, mask)
+        assert lse.isnan().sum() >= 2
+        for name, got, want in zip("qkv", native._attn_bwd_cuda(q, k, v, kpm, mask, out, dout, lse),
+                                   (qr.grad, kr.grad, vr.grad)):
+            assert torch.equal(got.isnan(), want.isnan()), (mask, name)
+            fin = want.isfinite()
+            assert torch.allclose(got[fin].double(), want[fin], atol=1e-5), (mask, name)
 
 
 def test_cuda_backward_math_on_cpu_tensors():

@@ -89,6 +89,27 @@ def _check_backend(device: torch.device, dtype: torch.dtype, what: str) -> None:
         raise ValueError(f"{what}: device {device} has no native kernels (cpu or cuda only)")
 
 
+def _check_required(what: str, **tensors) -> None:
+    """TypeError naming the argument when a required tensor is None or not a tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True when two elements of `t` may share memory: stride 0 over a dim of size > 1, or
+    (dims sorted by stride) a stride within the reach of the smaller ones. Strides only, so
+    it also runs on fake tensors; conservative like csrc/validate.cpp, which checks again."""
+    if t.numel() == 0:
+        return False
+    reach = 0
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def _check_same(what: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None:
@@ -115,8 +136,7 @@ def _check_mask(what: str, kpm: torch.Tensor | None, shape: tuple, device: torch
 
 def _check_attention(q, k, v, mask, kpm) -> None:
     what = "cross_attention"
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"{what}: q must be a tensor, got {type(q).__name__}")
+    _check_required(what, q=q, k=k, v=v)
     if mask not in _MASKS:
         raise ValueError(f"{what}: mask must be one of {tuple(_MASKS)}, got {mask!r}")
     _check_backend(q.device, q.dtype, what)
@@ -138,8 +158,7 @@ def _check_attention(q, k, v, mask, kpm) -> None:
 
 def _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm) -> None:
     what = "bridge_decode_step"
-    if not isinstance(h_b, torch.Tensor):
-        raise TypeError(f"{what}: h_b must be a tensor, got {type(h_b).__name__}")
+    _check_required(what, h_b=h_b, w_q=w_q, w_o=w_o, k_cache=k_cache, v_cache=v_cache)
     _check_backend(h_b.device, h_b.dtype, what)
     _check_same(what, h_b, h_a=h_a, w_q=w_q, w_o=w_o, k_cache=k_cache, v_cache=v_cache,
                 **({"w_kv": w_kv, "b_kv": b_kv} if h_a is not None else {}))
@@ -166,6 +185,10 @@ def _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads
         if hd > 1 and c.stride(-1) != 1:
             raise ValueError(f"{what}: {name} is written in place and needs a unit stride in its "
                              f"last dim, got strides {tuple(c.stride())}")
+        if h_a is not None and _self_overlapping(c):  # e.g. a cache expand()ed over the batch
+            raise ValueError(f"{what}: {name} is written in place but elements share memory "
+                             f"(shape {tuple(c.shape)}, strides {tuple(c.stride())}); pass a "
+                             f"cache with its own memory per row (e.g. .contiguous())")
     s = k_cache.shape[2]
     if h_a is not None:
         if h_a.dim() != 3 or tuple(h_a.shape[:2]) != (bsz, 1):
@@ -240,14 +263,19 @@ def _attn_bwd_cuda(q, k, v, key_padding_mask, mask, out, dout, lse):
     scale = 1.0 / math.sqrt(q.shape[-1])
     allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
     lse_f = lse.float()[..., None]
-    finite = torch.isfinite(lse_f)
-    p = torch.exp((qf @ kf.transpose(-1, -2)) * scale - torch.where(finite, lse_f, 0.0))
-    p = torch.where(finite if allowed is None else allowed & finite, p, 0.0)
+    # Only lse == -inf (what the forward writes for a row that sees no key) means empty: p = 0.
+    # A NaN lse (NaN score, or every visible score -inf) must propagate NaN as the reference.
+    seen = lse_f != float("-inf")
+    p = torch.exp((qf @ kf.transpose(-1, -2)) * scale - torch.where(seen, lse_f, 0.0))
+    keep = seen if allowed is None else allowed & seen
+    p = torch.where(keep, p, 0.0)
     dv = p.transpose(-1, -2) @ gf
     delta = (gf * of).sum(-1, keepdim=True)
-    ds = p * (gf @ vf.transpose(-1, -2) - delta)
+    ds = torch.where(keep, p * (gf @ vf.transpose(-1, -2) - delta), 0.0)  # a hidden key's ds is 0
     dq = (ds @ kf) * scale
     dk = (ds.transpose(-1, -2) @ qf) * scale
+    if key_padding_mask is not None:  # padded keys get 0 (their ds is 0, but 0 * a NaN q is NaN)
+        dk, dv = zero_padded_keys(dk, dv, key_padding_mask)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

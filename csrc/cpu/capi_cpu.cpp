@@ -1,6 +1,7 @@
 // C API entry points of the CPU kernels: check everything, then run the ISA-specific copy.
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +15,7 @@ namespace cf {
 namespace {
 
 std::atomic<int> g_threads{0};
+constexpr int kMaxThreads = 4096;  // cf_set_num_threads refuses more
 
 // Threads for a call doing about `work` multiply-adds: small calls run on one thread,
 // since waking a team costs more than they do (and far more on an oversubscribed machine).
@@ -90,6 +92,13 @@ const char* cf_version(void) { return "calm_fast 0.1"; }
 
 cf_status cf_set_num_threads(int32_t n) {
   if (n < 0) return set_error(CF_ERR_VALUE, "num_threads must be >= 0, got " + std::to_string(n));
+  // OpenMP ends the process (libgomp: "Thread creation failed") when it cannot create the
+  // team a later call asks for: refuse absurd counts here, with a status.
+  const int limit = std::min(kMaxThreads, omp_get_thread_limit());
+  if (n > limit)
+    return set_error(CF_ERR_VALUE, "num_threads=" + std::to_string(n) + " exceeds the limit of " +
+                                       std::to_string(limit) + " (min of " + std::to_string(kMaxThreads) +
+                                       " and omp_get_thread_limit())");
   g_threads.store(n, std::memory_order_relaxed);
   return CF_OK;
 }
@@ -109,8 +118,8 @@ cf_status cf_attn_bwd_cpu(const cf_tensor* q, const cf_tensor* k, const cf_tenso
                           const cf_tensor* dout, const cf_tensor* lse, const cf_tensor* dq,
                           const cf_tensor* dk, const cf_tensor* dv) {
   AttnParams p;
-  cf_status s = make_attn_params(Backend::kCpu, q, k, v, kpm, mask, out, lse, &p);
-  if (s == CF_OK) s = add_attn_backward(dout, dq, dk, dv, &p);
+  cf_status s = make_attn_params(Backend::kCpu, q, k, v, kpm, mask, out, lse, &p, /*outputs_written=*/false);
+  if (s == CF_OK) s = add_attn_backward(q, k, v, kpm, out, lse, dout, dq, dk, dv, &p);
   if (s != CF_OK) return s;
   if (p.B * p.H == 0) return CF_OK;
   return cpu_kernels().attn_bwd(p, threads(2.0 * p.B * p.H * p.Tq * p.Tk * p.D)) ? CF_OK : oom();

@@ -18,7 +18,7 @@ template <typename T>
 bool decode_impl(const DecodeParams& p, int nthreads) {
   using A = typename acc_of<T>::type;
   const int64_t B = p.B, DB = p.DB, DA = p.DA, H = p.H, D = p.D, n = p.n;
-  const bool append = p.h_a != nullptr;
+  const bool append = p.append;
   Buf<A> hb(B * DB), ha(B * (DA > 0 ? DA : 1)), q(B * DB), attn(B * DB);
   if (!hb.ok() || !ha.ok() || !q.ok() || !attn.ok()) return false;
   for (int64_t b = 0; b < B; ++b) {

@@ -306,8 +306,15 @@ cudaError_t launch_attn_fwd(const AttnParams& p, cudaStream_t stream, std::strin
     *why = "head dim " + std::to_string(p.D) + " exceeds the CUDA attention kernel's limit of 256";
     return cudaErrorInvalidValue;
   }
-  if (p.H > 65535 || p.B > 65535 || (p.Tq + 3) / 4 > 0x7fffffff) {
-    *why = "batch and heads must be <= 65535 for the CUDA attention grid";
+  // Heads ride on grid.y and batch on grid.z (65535 each), blocks of 4 query rows on grid.x
+  // (2^31 - 1; the tensor-core kernels' 64-row blocks need fewer).
+  const int64_t kMaxYZ = 65535, kMaxRows = int64_t(0x7fffffff) * 4;
+  if (p.B > kMaxYZ || p.H > kMaxYZ || p.Tq > kMaxRows) {
+    const std::string sizes = "B=" + std::to_string(p.B) + ", H=" + std::to_string(p.H) + ", Tq=" + std::to_string(p.Tq);
+    *why = sizes + ": " + (p.B > kMaxYZ ? "B exceeds the CUDA attention grid's limit of 65535 (grid.z)"
+                           : p.H > kMaxYZ ? "H exceeds the CUDA attention grid's limit of 65535 (grid.y)"
+                                          : "Tq exceeds the CUDA attention grid's limit of " + std::to_string(kMaxRows) +
+                                                " query rows (grid.x)");
     return cudaErrorInvalidValue;
   }
   const char* pick = std::getenv("CALM_FAST_CUDA_ATTN");  // unset / "" / "mma": the default; "wmma"

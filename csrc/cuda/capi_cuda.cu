@@ -21,6 +21,19 @@ cf_status report(cudaError_t e, const std::string& why, const char* what) {
                                     cudaGetErrorString(e));
 }
 
+// cuda::decode_workspace_bytes, with cf_last_error naming the sizes when it refuses them.
+int64_t checked_workspace_bytes(const char* what, int64_t B, int64_t DB, int64_t H, int64_t S) {
+  const int64_t n = cuda::decode_workspace_bytes(B, DB, H, S);
+  if (n >= 0) return n;
+  const std::string sizes = "batch=" + std::to_string(B) + ", d_b=" + std::to_string(DB) + ", n_heads=" +
+                            std::to_string(H) + ", n_rows=" + std::to_string(S);
+  set_error(CF_ERR_VALUE, std::string(what) + ": " + sizes +
+                              (n == -1 ? ": need batch >= 0, n_rows >= 0 and d_b > 0 a multiple of n_heads > 0"
+                                       : ": too large for the CUDA decode kernel (batch and d_b <= 2^20, "
+                                         "n_rows <= 2^30, and the workspace bytes must fit in int64)"));
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -37,7 +50,7 @@ cf_status cf_attn_fwd_cuda(const cf_tensor* q, const cf_tensor* k, const cf_tens
 }
 
 int64_t cf_decode_workspace_bytes_cuda(int64_t batch, int64_t d_b, int64_t n_heads, int64_t n_rows) {
-  return cuda::decode_workspace_bytes(batch, d_b, n_heads, n_rows);
+  return checked_workspace_bytes("cf_decode_workspace_bytes_cuda", batch, d_b, n_heads, n_rows);
 }
 
 cf_status cf_decode_step_cuda(const cf_tensor* h_b, const cf_tensor* h_a, const cf_tensor* w_q,
@@ -50,8 +63,8 @@ cf_status cf_decode_step_cuda(const cf_tensor* h_b, const cf_tensor* h_a, const 
   cf_status s = make_decode_params(Backend::kCuda, h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache,
                                    kpm, pos, n_heads, out, &p);
   if (s != CF_OK) return s;
-  const int64_t need = cuda::decode_workspace_bytes(p.B, p.DB, p.H, p.S);
-  if (need < 0) return set_error(CF_ERR_VALUE, "decode step sizes are too large for the CUDA kernel");
+  const int64_t need = checked_workspace_bytes("cf_decode_step_cuda", p.B, p.DB, p.H, p.S);
+  if (need < 0) return CF_ERR_VALUE;
   if (workspace == nullptr) return set_error(CF_ERR_NULL, "workspace: pointer is NULL");
   if ((reinterpret_cast<uintptr_t>(workspace) & 15u) != 0)
     return set_error(CF_ERR_VALUE, "workspace: must be 16-byte aligned");

@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
   int* kv_done = q_done + H;
   int* merged = kv_done + H;
   const bool dataflow = kDataflow && n > 0;  // n == 0: nothing to attend, the plain barriers
-  const bool append = p.h_a != nullptr;
+  const bool append = p.append;
   const T* h_b = static_cast<const T*>(p.h_b);
 
   // Phase 2's split: cache rows per item sized so that every warp of the grid gets about one.
@@ -709,7 +709,7 @@ cudaError_t launch_typed(const DecodeParams& p, void* workspace, cudaStream_t st
   const int64_t es = sizeof(T);
   VecFlags vec;
   vec.q = rows_aligned(p.w_q, p.swq, p.DB, es) && rows_aligned(p.h_b, p.shb, p.DB, es);
-  vec.kv = p.h_a != nullptr && rows_aligned(p.w_kv, p.swkv, p.DA, es) && rows_aligned(p.h_a, p.sha, p.DA, es);
+  vec.kv = p.append && rows_aligned(p.w_kv, p.swkv, p.DA, es) && rows_aligned(p.h_a, p.sha, p.DA, es);
   vec.o = rows_aligned(p.w_o, p.swo, p.DB, es) && p.DB % 4 == 0;
   vec.cache = cache_rows_vectorizable(p, es);
   vec.stage = kStageBuild && p.B <= kMaxB && size_t(StageLayout(p.B, p.DB, p.DA).floats) * 4 <= kMaxStageBytes;
@@ -722,8 +722,19 @@ cudaError_t launch_typed(const DecodeParams& p, void* workspace, cudaStream_t st
 
 int64_t decode_workspace_bytes(int64_t B, int64_t DB, int64_t H, int64_t S) {
   if (B < 0 || DB <= 0 || H <= 0 || S < 0 || DB % H != 0) return -1;
-  // Keep every product far from int64 overflow: refuse absurd sizes outright.
-  if (B > (int64_t(1) << 20) || DB > (int64_t(1) << 20) || S > (int64_t(1) << 30)) return -1;
+  if (B > (int64_t(1) << 20) || DB > (int64_t(1) << 20) || S > (int64_t(1) << 30)) return -2;
+  // layout()'s arithmetic, checked: sizes inside the caps above can still overflow int64
+  // (B * H * chunks * (D + 4)); every intermediate of layout() is at most its total.
+  const int64_t D = DB / H, nch = (S + kMinChunk - 1) / kMinChunk;
+  auto mul = [](int64_t a, int64_t b, int64_t* r) { return !__builtin_mul_overflow(a, b, r); };
+  auto add = [](int64_t a, int64_t b, int64_t* r) { return !__builtin_add_overflow(a, b, r); };
+  auto up4 = [&](int64_t* x) { return add(*x, 3, x) && ((*x = *x / 4 * 4), true); };  // round4, checked
+  int64_t bdb, bh, parts, total;
+  const bool ok = mul(B, DB, &bdb) && up4(&bdb) && mul(B, H, &bh) && mul(bh, nch, &parts) &&
+                  mul(parts, part_stride(D), &parts) && up4(&parts) && up4(&bh) && mul(bdb, 2, &total) &&
+                  add(total, parts, &total) && add(total, bh, &total) && add(total, round4(2 * H + 1), &total) &&
+                  mul(total, 4, &total);
+  if (!ok) return -2;
   const Layout l = layout(B, DB, H, S);
   return l.total * 4;
 }

@@ -9,7 +9,8 @@
 namespace cf {
 namespace cuda {
 
-// Bytes of scratch the decode step needs; -1 when the sizes are invalid or overflow.
+// Bytes of scratch the decode step needs; -1 when the sizes are invalid, -2 when they are
+// too large (beyond the size caps, or the byte count overflows int64).
 int64_t decode_workspace_bytes(int64_t B, int64_t DB, int64_t H, int64_t S);
 
 // Each returns cudaSuccess or the launch error; `why` explains a non-CUDA refusal
