@@ -36,24 +36,32 @@ def _desc(t: torch.Tensor | None):
                                  (ctypes.c_int64 * 4)(*t.stride(), *[0] * (4 - n))))
 
 
-def build(*flags: str) -> ctypes.CDLL:
+SANITIZERS = {"1": "address,undefined", "address": "address,undefined", "thread": "thread"}
+
+
+def build(*flags: str, root: Path = ROOT) -> ctypes.CDLL:
     """The emulated kernels as a shared library (g++ -DCF_CUDA_EMULATOR), once per process and flags.
-    CF_EMU_SANITIZE=1 builds them with AddressSanitizer + UBSan (scripts/asan_kernels.sh preloads
-    the runtimes): every out-of-bounds access a kernel makes is reported at its source line."""
-    sanitize = ("-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined") \
-        if os.environ.get("CF_EMU_SANITIZE") == "1" else ()
-    return _build(*flags, *sanitize)
+    CF_EMU_SANITIZE=1 (or =address) builds them with AddressSanitizer + UBSan (scripts/asan_kernels.sh
+    preloads the runtimes): every out-of-bounds access a kernel makes is reported at its source line.
+    CF_EMU_SANITIZE=thread builds them with ThreadSanitizer, which makes the emulator a race
+    checker (emulator/emu_core.hpp; tests/test_cuda_racecheck.py preloads libtsan).
+    `root`: the source tree to build (a mutated copy, in the race checker's own tests)."""
+    which = os.environ.get("CF_EMU_SANITIZE")
+    if which is not None and which not in SANITIZERS:
+        raise ValueError(f"CF_EMU_SANITIZE must be one of {sorted(SANITIZERS)}, got {which!r}")
+    sanitize = ("-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZERS[which]}") if which else ()
+    return _build(Path(root), *flags, *sanitize)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(*flags: str) -> ctypes.CDLL:
+def _build(root: Path, *flags: str) -> ctypes.CDLL:
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler on PATH (the native build needs one too)")
     lib = Path(tempfile.mkdtemp(prefix="cf_cuda_emu_")) / "libcf_cuda_emu.so"
     cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-DCF_CUDA_EMULATOR", *flags, "-Wall", "-Wno-unknown-pragmas",
-           "-Werror", f"-I{ROOT / 'csrc/cuda/emulator'}", f"-I{ROOT / 'csrc'}", "-x", "c++",
-           *[str(ROOT / s) for s in SOURCES], "-x", "none", str(ROOT / "csrc/validate.cpp"), "-o", str(lib)]
+           "-Werror", f"-I{root / 'csrc/cuda/emulator'}", f"-I{root / 'csrc'}", "-x", "c++",
+           *[str(root / s) for s in SOURCES], "-x", "none", str(root / "csrc/validate.cpp"), "-o", str(lib)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{done.stderr[-6000:]}")

@@ -98,6 +98,16 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
+// A polling read of a counter that other blocks raise with atomics (no fence: the poller
+// fences after it has seen the count).
+__device__ __forceinline__ int load_volatile(const int* p) {
+#ifdef CF_CUDA_EMULATOR
+  return __atomic_load_n(p, __ATOMIC_RELAXED);  // what the race checker reads as a poll, not a race
+#else
+  return *reinterpret_cast<const volatile int*>(p);
+#endif
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace cuda

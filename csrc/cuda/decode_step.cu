@@ -487,7 +487,7 @@ __device__ void merge_chunks(const float* first, int64_t nch, int64_t D, float* 
 // the counted writers wrote (they fenced before counting).
 __device__ __forceinline__ void wait_for_count(const int* count, int target, int lane) {
   if (lane == 0)
-    while (*reinterpret_cast<const volatile int*>(count) < target) __nanosleep(64);
+    while (load_volatile(count) < target) __nanosleep(64);
   __syncwarp();
   __threadfence();
 }

@@ -38,18 +38,21 @@ inline int __any_sync(unsigned, int pred) {
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { cf_emu::ctx.warp->bar.wait("__syncwarp"); }
 inline void __syncthreads() { cf_emu::ctx.block->bar.wait("__syncthreads"); }
-inline void __threadfence() {}  // one OS thread runs every fiber: memory is sequential
+// One OS thread runs every fiber, so memory is sequential; for the race checker (emu_core.hpp)
+// a fence is one global sequentially consistent fence: everything before any fence happens
+// before everything after any later one.
+inline void __threadfence() {
+  static char fence_token;
+  cf_emu::tsan::release(&fence_token);
+  cf_emu::tsan::acquire(&fence_token);
+}
 // A polling thread lets the others run; a poll that never ends is a deadlock on a GPU too.
 inline void __nanosleep(unsigned) {
   cf_emu::Fiber* f = cf_emu::ctx.fiber;
   if (++f->polls > 50'000'000) cf_emu::misuse("a spin-wait (__nanosleep loop) never ended");
   cf_emu::yield();
 }
-inline int atomicAdd(int* p, int v) {
-  const int old = *p;
-  *p = old + v;
-  return old;
-}
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }  // relaxed, as in CUDA
 
 // CUDA's min/max overloads for device code (int64_t, int, float alike).
 template <typename T> inline T min(T a, T b) { return b < a ? b : a; }

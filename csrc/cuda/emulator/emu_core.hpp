@@ -15,6 +15,17 @@
 // runs until it reaches a collective, so lanes interleave only there, as a warp's lanes in
 // lockstep do. A collective that some thread never reaches (divergent code: a hang on a GPU)
 // fails the launch at once with the collective's name.
+//
+// Built with -fsanitize=thread (tests/test_cuda_racecheck.py), the emulator is a race checker
+// for the kernels: every CUDA thread is a ThreadSanitizer fiber, fibers switch without implying
+// any order, and order comes only from what orders memory between GPU threads: the launch
+// (inputs before every thread, every thread before the outputs are read), __syncwarp,
+// __syncthreads and grid.sync() (each thread releases at arrival and acquires on leaving),
+// and __threadfence (modelled as one global sequentially consistent fence; atomics are relaxed).
+// Shuffles, __any_sync, ldmatrix and mma.sync move registers only and order nothing. All blocks
+// of a launch then run at once, so TSan reports any two accesses to shared or global memory
+// from different CUDA threads, one of them a write, that no barrier orders: a missing
+// __syncthreads / __syncwarp, a block writing what another block reads.
 #pragma once
 #include <math.h>
 #include <ucontext.h>
@@ -30,6 +41,15 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define CF_EMU_TSAN 1
+extern "C" void __tsan_ignore_thread_begin(void);
+extern "C" void __tsan_ignore_thread_end(void);
+#else
+#define CF_EMU_TSAN 0
+#endif
+
 struct uint3 { unsigned x, y, z; };
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -44,6 +64,40 @@ inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 blockDim, gridDim;
 
 namespace cf_emu {
+
+// ThreadSanitizer's fibers and happens-before edges (no-ops in other builds).
+namespace tsan {
+#if CF_EMU_TSAN
+// Not instrumented themselves: a switch inside an instrumented function would enter it in one
+// fiber's shadow stack and leave it in another's.
+#define CF_EMU_UNINSTRUMENTED __attribute__((no_sanitize_thread))
+CF_EMU_UNINSTRUMENTED inline void* current() { return __tsan_get_current_fiber(); }
+CF_EMU_UNINSTRUMENTED inline void* create() { return __tsan_create_fiber(0); }
+CF_EMU_UNINSTRUMENTED inline void destroy(void* f) { __tsan_destroy_fiber(f); }
+CF_EMU_UNINSTRUMENTED inline void switch_to(void* f) { __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync); }
+CF_EMU_UNINSTRUMENTED inline void release(const void* token) { __tsan_release(const_cast<void*>(token)); }
+CF_EMU_UNINSTRUMENTED inline void acquire(const void* token) { __tsan_acquire(const_cast<void*>(token)); }
+// The emulator's own bookkeeping (scheduler, barrier queues, shuffle slots) is not GPU memory:
+// the calling thread's accesses are not checked while one of these lives.
+struct Unchecked {
+  Unchecked() { __tsan_ignore_thread_begin(); }
+  ~Unchecked() { __tsan_ignore_thread_end(); }
+  Unchecked(const Unchecked&) = delete;
+  Unchecked& operator=(const Unchecked&) = delete;
+};
+#else
+inline void* current() { return nullptr; }
+inline void* create() { return nullptr; }
+inline void destroy(void*) {}
+inline void switch_to(void*) {}
+inline void release(const void*) {}
+inline void acquire(const void*) {}
+struct Unchecked {
+  Unchecked() {}   // user-provided: a guard, not an unused variable
+  ~Unchecked() {}
+};
+#endif
+}  // namespace tsan
 
 struct Fiber;
 class Barrier;
@@ -73,35 +127,49 @@ struct Fiber {
   std::vector<std::vector<Copy>> cp_groups;
   std::vector<Copy> cp_open;
   long polls = 0;  // __nanosleep calls: a spin-wait that never ends aborts
+  void* tsan = nullptr;  // this thread's ThreadSanitizer fiber (race-checking builds)
 };
 
 struct Scheduler {
   ucontext_t main;
   Fiber* current = nullptr;
   std::string fault;  // set by misuse(): the launch stops and fails with this message
+  void* tsan_main = nullptr;         // the scheduler's own ThreadSanitizer context
+  char launch_token = 0, done_token = 0;  // the launch's happens-before edges (see tsan)
 };
 inline thread_local Scheduler* sched = nullptr;
 inline thread_local std::string last_failure;  // why the last launch failed
 
-inline void yield() { swapcontext(&sched->current->uc, &sched->main); }
+inline void yield() {
+  tsan::switch_to(sched->tsan_main);
+  swapcontext(&sched->current->uc, &sched->main);
+}
 
 // A reusable rendezvous whose party shrinks as threads exit (exited GPU threads no longer
-// take part in __syncthreads).
+// take part in __syncthreads). `orders_memory`: what each thread did before it is visible to
+// every thread after it (the barriers; not the register exchanges of shuffles). Two tokens by
+// generation, so that a thread already at the next generation cannot hand its later accesses
+// to one still leaving this one.
 class Barrier {
  public:
   explicit Barrier(int parties) : expected_(parties) {}
-  void wait(const char* what) {
+  void wait(const char* what, bool orders_memory = true) {
+    tsan::Unchecked unchecked;
+    const unsigned gen = generation_;
+    if (orders_memory) tsan::release(&token_[gen & 1]);
     if (int(waiting_.size()) + 1 >= expected_) {
       release();
-      return;
+    } else {
+      Fiber* me = sched->current;
+      me->state = Fiber::kWaiting;
+      me->waiting_on = what;
+      waiting_.push_back(me);
+      yield();
     }
-    Fiber* me = sched->current;
-    me->state = Fiber::kWaiting;
-    me->waiting_on = what;
-    waiting_.push_back(me);
-    yield();
+    if (orders_memory) tsan::acquire(&token_[gen & 1]);
   }
   void drop() {
+    tsan::Unchecked unchecked;
     --expected_;
     if (!waiting_.empty() && int(waiting_.size()) >= expected_) release();
   }
@@ -110,8 +178,11 @@ class Barrier {
   void release() {
     for (Fiber* f : waiting_) f->state = Fiber::kReady;
     waiting_.clear();
+    ++generation_;
   }
   int expected_;
+  unsigned generation_ = 0;
+  char token_[2] = {};
   std::vector<Fiber*> waiting_;
 };
 
@@ -144,6 +215,7 @@ inline unsigned char* dynamic_smem() { return ctx.block->smem_base(); }
 // so a lane that runs ahead to the next shuffle cannot overwrite a value still to be read.
 template <typename T>
 T exchange(T v, int src, const char* what) {
+  tsan::Unchecked unchecked;
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   Warp& w = *ctx.warp;
   const int buf = w.parity[ctx.lane];
@@ -151,7 +223,7 @@ T exchange(T v, int src, const char* what) {
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof v);
   w.slots[buf][ctx.lane] = bits;
-  w.bar.wait(what);
+  w.bar.wait(what, false);
   const uint64_t got = w.slots[buf][src & 31];
   T out;
   std::memcpy(&out, &got, sizeof out);
@@ -162,18 +234,20 @@ T exchange(T v, int src, const char* what) {
 // instructions read whole matrices from their fragments this way.
 template <typename T>
 void gather_all(const T& v, T (&all)[32], const char* what) {
+  tsan::Unchecked unchecked;
   static_assert(sizeof(T) <= 64, "gather_all moves at most 64 bytes per lane");
   Warp& w = *ctx.warp;
   const int buf = w.wide_parity[ctx.lane];
   w.wide_parity[ctx.lane] ^= 1;
   std::memcpy(w.wide[buf][ctx.lane], &v, sizeof v);
-  w.bar.wait(what);
+  w.bar.wait(what, false);
   for (int i = 0; i < 32; ++i) std::memcpy(&all[i], w.wide[buf][i], sizeof v);
 }
 
 // A kernel did what faults on a GPU (a misaligned address, a spin that never ends): the launch
 // stops and fails with this message; the calling fiber is never resumed (its stack is freed).
 [[noreturn]] inline void misuse(const std::string& what) {
+  tsan::Unchecked unchecked;
   sched->fault = "calm_fast CUDA emulator: " + what;
   sched->current->state = Fiber::kWaiting;
   sched->current->waiting_on = "a fault";
@@ -181,24 +255,39 @@ void gather_all(const T& v, T (&all)[32], const char* what) {
   std::abort();  // not reached: the scheduler never resumes a faulted fiber
 }
 
+// Not instrumented: it ends in the scheduler's ThreadSanitizer context (its return would
+// otherwise pop the scheduler's shadow stack).
+#if CF_EMU_TSAN
+CF_EMU_UNINSTRUMENTED
+#endif
 inline void trampoline() {
   Fiber* f = sched->current;
+  tsan::acquire(&sched->launch_token);  // the launch's inputs were written before
   f->body();
-  f->state = Fiber::kDone;
-  ctx.warp->bar.drop();
-  ctx.block->bar.drop();
-  if (ctx.grid != nullptr) ctx.grid->drop();
+  tsan::release(&sched->done_token);    // ... and its outputs are read after
+  {
+    tsan::Unchecked unchecked;
+    f->state = Fiber::kDone;
+    ctx.warp->bar.drop();
+    ctx.block->bar.drop();
+    if (ctx.grid != nullptr) ctx.grid->drop();
+  }
+  tsan::switch_to(sched->tsan_main);
 }  // returns to uc_link: the scheduler
 
 // Runs the fibers until all are done; false (and last_failure set) on a deadlock or a fault.
 inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
+  tsan::Unchecked unchecked;
   Scheduler s;
+  s.tsan_main = tsan::current();
   for (auto& f : fibers) {  // a fiber that returns resumes the scheduler
     f->uc.uc_link = &s.main;
     makecontext(&f->uc, trampoline, 0);
+    f->tsan = tsan::create();
   }
   Scheduler* outer = sched;
   sched = &s;
+  tsan::release(&s.launch_token);
   bool ok = true;
   // Visiting order: launch order, or (CF_EMU_SEED=n) shuffled anew each round with each ready
   // fiber skipped half the time, so that warps drift apart and a missing barrier or wait shows
@@ -230,6 +319,7 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
       ctx = f->tctx;
       threadIdx = f->tid;
       blockIdx = f->bid;
+      tsan::switch_to(f->tsan);
       swapcontext(&s.main, &f->uc);
       if (!s.fault.empty()) break;
     }
@@ -253,6 +343,8 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
       break;
     }
   }
+  tsan::acquire(&s.done_token);
+  for (auto& f : fibers) tsan::destroy(f->tsan);
   sched = outer;
   return ok;
 }
@@ -260,7 +352,8 @@ inline bool run_fibers(std::vector<std::unique_ptr<Fiber>>& fibers) {
 constexpr size_t kStackBytes = 256 * 1024;
 
 // Runs kernel(args...) over grid x block threads. Blocks of a cooperative launch run at
-// once (grid.sync() is a barrier of all of them); otherwise one block after another.
+// once (grid.sync() is a barrier of all of them); otherwise one block after another, except
+// when race checking, where they run at once too (blocks of a launch are unordered).
 template <typename... KArgs>
 bool run_blocks(bool cooperative, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                 const std::tuple<KArgs...>& args) {
@@ -292,7 +385,7 @@ bool run_blocks(bool cooperative, void (*kernel)(KArgs...), dim3 grid, dim3 bloc
     }
     return run_fibers(fibers);
   };
-  if (cooperative) return run_group(0, blocks);
+  if (cooperative || CF_EMU_TSAN) return run_group(0, blocks);
   for (long id = 0; id < blocks; ++id)
     if (!run_group(id, 1)) return false;
   return true;
