@@ -54,25 +54,21 @@ def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing safetensors file: {path}")
-    try:
-        return st_load_bytes(path.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    return load_tensors_and_metadata(path)[0]
 
 
 def load_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and the file's string metadata (the header's __metadata__), read in one pass."""
+    """Tensors and the file's string metadata (the header's __metadata__), from one read of
+    the file: both always come from the same save, even while another process replaces it."""
     path = Path(path)
-    tensors = load_tensors(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing safetensors file: {path}")
     data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
     try:
-        header = json.loads(data[8:8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        tensors = st_load_bytes(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     return tensors, dict(header.get("__metadata__") or {})
 
 

@@ -553,12 +553,10 @@ def run_compose_job(job: dict, *, seed: int | None = None, device: str = "auto",
 
 
 def _save_full_bridges(calm, full: dict[str, torch.Tensor], directory: Path) -> None:
-    """bridges.safetensors + calm_config.json as CALM.save_bridges writes them, from gathered
-    tensors (under FSDP the module's own parameters are shards)."""
-    from . import checkpoint
-    from .composed import BRIDGES_FILE, CONFIG_FILE
-    checkpoint.save_tensors(directory / BRIDGES_FILE, {n[len("bridges."):]: t for n, t in full.items()})
-    checkpoint.save_json(directory / CONFIG_FILE, calm.config.to_dict())
+    """The files CALM.save_bridges writes (config embedded in bridges.safetensors, one atomic
+    commit), from gathered tensors (under FSDP the module's own parameters are shards)."""
+    from .composed import write_bridges
+    write_bridges(directory, {n[len("bridges."):]: t for n, t in full.items()}, calm.config)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from calm_fast import checkpoint
 from calm_fast.checkpointing import apply_activation_checkpointing, backward_anchor_layers, checkpointed_layers
-from calm_fast.composed import CALM
+from calm_fast.composed import CALM, CONFIG_META
 from calm_fast.decoder import Decoder
 from calm_fast.demo import load_bases, model_config, train_composition
 from calm_fast.distributed import (DistEnv, StepSampler, count_params, plan, run_compose_job, shard_rows,
@@ -108,7 +108,8 @@ def test_ddp_two_processes_match_one_process_over_10_steps(bases, reference, tmp
     _assert_close(got, ref, DDP_TOL, range(1, 11))
     assert got[10] < got[1]  # it trained (a frozen Θ_C would also "match")
     # The final bridges agree with the one-process ones, and the checkpoint is train.fit's format.
-    mine = checkpoint.load_tensors(tmp_path / "run" / "bridges" / "bridges.safetensors")
+    mine, meta = checkpoint.load_tensors_and_metadata(tmp_path / "run" / "bridges" / "bridges.safetensors")
+    assert CONFIG_META in meta  # CALM.save_bridges' format: the config committed with the tensors
     task, m_A, m_B = load_bases(bases)
     calm = CALM(m_B, [m_A], mapping=MAPPING)
     calm.load_bridges(tmp_path / "run" / "bridges")
