@@ -1,7 +1,8 @@
 // calm_fast's CUDA emulator: runs the CUDA kernels of csrc/cuda on the CPU, each CUDA thread
 // a fiber (ucontext) of one OS thread, so that their logic is tested where no GPU is (CI).
-// Not a model of timing or of the GPU memory model: it checks indexing, masking, reductions,
-// the collectives' data flow and the phases of the cooperative decode step.
+// Not a model of timing: it checks indexing, masking, reductions, the collectives' data flow
+// and the phases of the cooperative decode step (and, under ThreadSanitizer, the ordering of
+// memory accesses between threads; see below).
 //
 // The headers in this folder stand in for cuda_runtime.h, cuda_bf16.h, cuda_fp16.h, mma.h and
 // cooperative_groups.h; the .cu files compile unchanged with
