@@ -183,6 +183,23 @@ def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """The records of steps <= upto. A last line cut short by a crash in the middle of an
+    append is dropped (the resumed run logs that step again); any other bad line is an error."""
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+        if record["step"] <= upto:
+            records.append(record)
+    return records
+
+
 def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[torch.Tensor, int]],
         cfg: TrainConfig, out_dir=None, evaluate: Callable[[int], dict] | None = None,
         desc: str = "train", resume: bool = True, modules: list[nn.Module] = ()) -> list[dict]:
@@ -199,10 +216,9 @@ def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[t
         meta = load_checkpoint(out_dir / CKPT_DIR, params, opt)
         start = meta["step"]
         if metrics_path.is_file():
-            records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
+            records = _read_metrics(metrics_path, upto=start)
     if metrics_path is not None:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        checkpoint.atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def log(rec):
         records.append(rec)

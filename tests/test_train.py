@@ -60,8 +60,8 @@ def test_composition_trains_only_theta_c_and_loss_falls(tiny_bases, tmp_path):
 
 
 def test_checkpoint_resumes_exactly(tiny_bases, tmp_path):
-    """Interrupted right after its step-3 checkpoint and resumed, a run logs the same losses
-    as one that never stopped."""
+    """Interrupted right after its step-3 checkpoint (and in the middle of appending a
+    metrics line) and resumed, a run logs the same losses as one that never stopped."""
     d = tmp_path / "d"
     task, m_A, m_B = load_bases(tiny_bases)
     cfg = TrainConfig(**{**COMPOSE_TRAIN["tiny"], "steps": 6, "ckpt_every": 3, "log_every": 1, "progress": False})
@@ -86,6 +86,8 @@ def test_checkpoint_resumes_exactly(tiny_bases, tmp_path):
             train_composition(task, m_A, m_B, "calm", "kv_arithmetic", cfg, MAPPINGS["tiny"], d, log=lambda *a: None)
     finally:
         tr.save_checkpoint = real_save
+    with open(d / "metrics.jsonl", "a") as f:  # a kill in the middle of the next append
+        f.write('{"step": 4, "lo')
     train_composition(task, m_A, m_B, "calm", "kv_arithmetic", cfg, MAPPINGS["tiny"], d, log=lambda *a: None)
     got = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in got if "loss" in r] == [r["loss"] for r in ref if "loss" in r]
