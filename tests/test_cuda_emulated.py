@@ -6,9 +6,10 @@ a library with the C API (cf_attn_fwd_cuda, cf_decode_step_cuda), fed CPU tensor
 What this checks where no GPU is: indexing, masks, key padding, empty rows, the tensor-core
 kernels' tiling (mma.sync, ldmatrix and cp.async emulated by their PTX layouts; WMMA with an
 emulated fragment), the decode step's three phases, its split-K chunking and merge, for
-several emulated grid sizes (CF_EMU_SMS) and thread orders (CF_EMU_SEED). What it cannot
-check: speed, and races that need a GPU's memory model; those stay with
-tests/test_cuda_ops.py on a GPU (bench/gpu_check.sh)."""
+several emulated grid sizes (CF_EMU_SMS) and thread orders (CF_EMU_SEED). Races are checked by
+running these same cases under ThreadSanitizer (tests/test_cuda_racecheck.py). What it cannot
+check: speed, and what only real hardware shows; that stays with tests/test_cuda_ops.py on a
+GPU (bench/gpu_check.sh)."""
 from __future__ import annotations
 
 import ctypes
