@@ -6,8 +6,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load_bytes
 from torch import nn
 
 from . import checkpoint, ops
@@ -77,15 +75,8 @@ def read_bridges(directory) -> tuple[CompositionConfig, dict[str, torch.Tensor],
     read with calm_config.json, as they always were."""
     directory = Path(directory)
     path = directory / BRIDGES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"missing safetensors file: {path}")
-    data = path.read_bytes()
-    try:
-        tensors = st_load_bytes(data)
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    embedded = (header.get("__metadata__") or {}).get(CONFIG_META)
+    tensors, metadata = checkpoint.load_tensors_and_metadata(path)
+    embedded = metadata.get(CONFIG_META)
     copy_path = directory / CONFIG_FILE
     if embedded is None:  # the older format: the config lives in calm_config.json only
         return CompositionConfig.from_dict(checkpoint.load_json(copy_path)), tensors, copy_path

@@ -20,7 +20,7 @@ import torch
 from calm_fast.ops import reference as ref
 from cuda_emulator import CfTensor, _desc, attend, build, decode_step, emulated_gpu
 from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
-from test_native_ops import _decode_case, make_kpm, rel
+from test_native_ops import _decode_case, check_zero_augment_width_appends_the_bias, make_kpm, rel
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -264,20 +264,8 @@ def test_neginf_score_key_with_nonfinite_value_gives_nan_in_its_column(emu, dtyp
 
 
 def test_decode_step_with_zero_augment_width_appends_the_bias(emu):
-    """D_A = 0: the empty h_a and w_kv have NULL data pointers; the mode comes from the
-    descriptor (h_a given), so the new K/V row b_kv is still written and attended."""
-    b, h, hd, s, pos = 2, 2, 4, 5, 2
-    gen = torch.Generator().manual_seed(0)
-    d_b = h * hd
-    h_b, h_a = torch.randn(b, 1, d_b, generator=gen), torch.empty(b, 1, 0)
-    w_q, w_o = torch.randn(d_b, d_b, generator=gen), torch.randn(d_b, d_b, generator=gen)
-    w_kv, b_kv = torch.empty(2 * d_b, 0), torch.randn(2 * d_b, generator=gen)
-    kc, vc = torch.randn(b, h, s, hd, generator=gen), torch.randn(b, h, s, hd, generator=gen)
-    kr, vr, ke, ve = kc.clone(), vc.clone(), kc.clone(), vc.clone()
-    want = ref.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kr, vr, pos, h)
-    got = decode_step(emu, h_b, h_a, w_q, w_kv, b_kv, w_o, ke, ve, pos, h)
-    assert torch.equal(ke, kr) and torch.equal(ve, vr)
-    assert rel(got, want) <= 1e-5
+    """The mode comes from the descriptor (h_a given), not from its NULL data pointer."""
+    check_zero_augment_width_appends_the_bias(lambda *args: decode_step(emu, *args))
 
 
 def test_decode_workspace_bytes_refuses_sizes_that_overflow(emu):

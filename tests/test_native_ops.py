@@ -460,9 +460,10 @@ def test_set_num_threads_refuses_absurd_counts():
         lib.cf_set_num_threads(0)
 
 
-def test_decode_step_with_zero_augment_width_appends_the_bias():
-    # D_A = 0: torch gives the empty h_a / w_kv NULL data pointers; the step is still in
-    # aligned mode (h_a given) and its new K/V row is b_kv (a linear map of zero features).
+def check_zero_augment_width_appends_the_bias(decode_step) -> None:
+    """D_A = 0: torch gives the empty h_a / w_kv NULL data pointers; the step is still in
+    aligned mode (h_a given) and its new K/V row is b_kv (a linear map of zero features).
+    `decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads)`."""
     b, h, hd, s, pos = 2, 2, 4, 5, 2
     gen = torch.Generator().manual_seed(0)
     d_b = h * hd
@@ -472,9 +473,13 @@ def test_decode_step_with_zero_augment_width_appends_the_bias():
     kc, vc = torch.randn(b, h, s, hd, generator=gen), torch.randn(b, h, s, hd, generator=gen)
     kr, vr, kn, vn = kc.clone(), vc.clone(), kc.clone(), vc.clone()
     want = ref.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kr, vr, pos, h)
-    got = native.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kn, vn, pos, h)
+    got = decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kn, vn, pos, h)
     assert torch.equal(kn, kr) and torch.equal(vn, vr)
     assert rel(got, want) <= 1e-5
+
+
+def test_decode_step_with_zero_augment_width_appends_the_bias():
+    check_zero_augment_width_appends_the_bias(native.bridge_decode_step)
 
 
 def test_bindings_raise_python_exceptions():
