@@ -56,11 +56,14 @@ def _get(hf: dict, key: str, source, default=...):
     return default
 
 
+_WINDOW_DEFAULT = 4096  # MistralConfig's and Qwen2Config's sliding_window when the key is absent
+
+
 def _rope_theta(hf: dict, source) -> float:
     """The RoPE base, refusing every variant the decoder does not compute (scaled RoPE would
     load fine and then produce wrong logits at every position)."""
     theta = None
-    for key in ("rope_parameters", "rope_scaling"):  # 5.x, then 4.x
+    for key in ("rope_parameters", "rope_scaling"):  # 5.x, 4.x: both are checked
         block = hf.get(key)
         if block is None:
             continue
@@ -75,8 +78,11 @@ def _rope_theta(hf: dict, source) -> float:
         factor = block.get("partial_rotary_factor", 1.0)
         if factor != 1.0:
             raise ValueError(f"{source}: {key}.partial_rotary_factor={factor} is not supported")
-        if theta is None and block.get("rope_theta") is not None:
-            theta = block["rope_theta"]  # rope_parameters wins over the top level, as in HF
+    # The base comes from the block transformers reads (`rope_scaling or rope_parameters`: a
+    # non-empty rope_scaling wins), else from the top level.
+    chosen = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if chosen and chosen.get("rope_theta") is not None:
+        theta = chosen["rope_theta"]
     factor = hf.get("partial_rotary_factor")
     if factor is not None and factor != 1.0:
         raise ValueError(f"{source}: partial_rotary_factor={factor} is not supported")
@@ -90,8 +96,9 @@ def _rope_theta(hf: dict, source) -> float:
 
 def _sliding_window(hf: dict, model_type: str) -> int | None:
     """The attention window some layers use, or None when every layer attends to everything."""
+    # A missing key is transformers' default window (4096), not "no window"; null is no window.
     if model_type == "mistral":
-        return hf.get("sliding_window")
+        return hf.get("sliding_window", _WINDOW_DEFAULT)
     if model_type == "qwen2":
         if not hf.get("use_sliding_window", False):
             return None
@@ -99,7 +106,7 @@ def _sliding_window(hf: dict, model_type: str) -> int | None:
         if layer_types is not None and "sliding_attention" not in layer_types:
             return None
         # Which layers slide changed across transformers versions: treat any as windowed.
-        return hf.get("sliding_window")
+        return hf.get("sliding_window", _WINDOW_DEFAULT)
     return None
 
 

@@ -245,6 +245,27 @@ def test_sliding_window_caps_max_seq_len(saved):
         assert config_from_hf(qwen).max_seq_len == 128
     with pytest.warns(UserWarning, match="capped at 16"):
         assert config_from_hf({**qwen, "use_sliding_window": True}).max_seq_len == 16
+    # No sliding_window key at all is transformers' default window of 4096, not "no window".
+    long = {**base, "max_position_embeddings": 8192}
+    for cfg in ({k: v for k, v in long.items() if k != "sliding_window"},
+                {k: v for k, v in {**long, "model_type": "qwen2", "use_sliding_window": True}.items()
+                 if k != "sliding_window"}):
+        with pytest.warns(UserWarning, match="capped at 4096"):
+            assert config_from_hf(cfg).max_seq_len == 4096
+
+
+def test_rope_theta_comes_from_the_block_transformers_reads(saved):
+    """transformers takes `rope_scaling or rope_parameters`, then the top-level rope_theta."""
+    _, d = saved["mistral"]
+    base = {**json.loads((d / "config.json").read_text()), "sliding_window": None}
+    base.pop("rope_parameters", None)
+    both = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
+            "rope_scaling": {"rope_type": "default", "rope_theta": 777.0}}
+    assert config_from_hf(both).rope_theta == 777.0
+    no_theta = {**base, "rope_theta": 321.0, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
+                "rope_scaling": {"rope_type": "default"}}
+    assert config_from_hf(no_theta).rope_theta == 321.0
+    assert config_from_hf({**both, "rope_scaling": None}).rope_theta == 5000.0
 
 
 @pytest.mark.parametrize("edit,match", [
