@@ -84,7 +84,7 @@ def pick_device(name: str | torch.device | None) -> torch.device:
 def train_base(role: str, task: KVArith, mcfg: DecoderConfig, tcfg: TrainConfig, out_dir,
                device: torch.device, log=print, resume: bool = True) -> Decoder:
     """m_A: KV-Substitution over all keys (values, never an arithmetic answer).
-    m_B: Numeric-Arithmetic over values in [1, N_KV] (never a key token)."""
+    m_B: Numeric-Arithmetic over the keys' value range (never a key token)."""
     if role not in BASE_DATA:
         raise ValueError(f"role must be 'm_A' or 'm_B', got {role!r}")
     out_dir = Path(out_dir)
@@ -339,7 +339,7 @@ def train_composition(task: KVArith, m_A: Decoder, m_B: Decoder, variant: str = 
 
 def evaluate_row(model, task: KVArith, n: int, mode: str = "aligned", seed: int = 777) -> dict[str, float]:
     """The table's three rows: KV-Substitution and KV-Arithmetic on held-out keys,
-    Numeric-Arithmetic on values in [1, N_KV]."""
+    Numeric-Arithmetic on the keys' value range ([1, n_values], or [1, N_KV] with unique values)."""
     return {"kv_substitution": evaluate(model, task, "kv_substitution", "held_out", n, seed, mode=mode),
             "numeric_arithmetic": evaluate(model, task, "numeric_arithmetic", "all", n, seed, mode=mode),
             "kv_arithmetic": evaluate(model, task, "kv_arithmetic", "held_out", n, seed, mode=mode)}
@@ -399,15 +399,10 @@ def run_demo(*, bases=ASSETS, train_bases_first: bool = False, scale: str = "cpu
     result["table_std"] = {d: {"calm": result["dc"][main_dc]["std"][d]} for d in DATASETS}
     if ablations:
         for name in VARIANTS[1:]:
-            tcfg = TrainConfig(**{**tcfg_base, "seed": seeds[0]})
-            run_dir = Path(runs) / f"{name}_{main_dc}_seed{seeds[0]}"
-            v = train_composition(task, m_A, m_B, name, main_dc, tcfg, mapping, run_dir, device, log,
-                                  literal_fraction if main_dc == "kv_arithmetic" else None)
-            row = evaluate_row(v.model, task, eval_samples, v.mode)
-            log(f"  {name}: {row}")
-            result["ablations"][name] = {**row, "trained_params": v.n_params(), "train_s": round(v.train_seconds, 1),
-                                         **({"lora_rank": v.rank} if name == "lora" else {})}
-            result["curves"][name] = _read_metrics(run_dir)
+            result["ablations"][name], result["curves"][name] = run_ablation(
+                name, task, m_A, m_B, main_dc, TrainConfig(**{**tcfg_base, "seed": seeds[0]}), mapping,
+                Path(runs) / f"{name}_{main_dc}_seed{seeds[0]}", device, log,
+                literal_fraction if main_dc == "kv_arithmetic" else None, eval_samples)
     result["config"] = {"task": task.cfg.to_dict(), "scale": scale, "bases": str(bases),
                         "m_A": m_A.cfg.to_dict(), "m_B": m_B.cfg.to_dict(), "mapping": mapping, "mode": "aligned",
                         "compose_train": tcfg_base, "d_c": list(dcs), "eval_samples": eval_samples,
@@ -429,6 +424,16 @@ def run_demo(*, bases=ASSETS, train_bases_first: bool = False, scale: str = "cpu
         log("matplotlib is not installed: no plot")
     log("\n" + markdown_table(result))
     return result
+
+
+def run_ablation(name: str, task: KVArith, m_A: Decoder, m_B: Decoder, dc: str, tcfg: TrainConfig, mapping,
+                 run_dir: Path, device, log, literal_fraction, eval_samples: int) -> tuple[dict, list[dict]]:
+    """One row of the ablation table (paper Table 5) and its training curve."""
+    v = train_composition(task, m_A, m_B, name, dc, tcfg, mapping, run_dir, device, log, literal_fraction)
+    row = evaluate_row(v.model, task, eval_samples, v.mode)
+    log(f"  {name}: {row}")
+    return ({**row, "trained_params": v.n_params(), "train_s": round(v.train_seconds, 1),
+             **({"lora_rank": v.rank} if name == "lora" else {})}, _read_metrics(run_dir))
 
 
 def _read_metrics(run_dir) -> list[dict]:
@@ -471,6 +476,13 @@ def markdown_table(r: dict) -> str:
         calm = f"{t[d]['calm']:.1f}" + (f" ± {sd:.1f}" if len(seeds) > 1 else "")
         lines.append(f"| {ROW_NAMES[d]} | {t[d]['m_A']:.1f} | {t[d]['m_B']:.1f} | **{calm}** | "
                      f"{p[d]['m_A']} | {p[d]['m_B']} | {p[d]['calm']} |")
+    if r["config"].get("d_c_literal_fraction"):
+        lines += ["", "Numeric-Arithmetic with this D_C: a share of D_C prompts are numeric expressions with their "
+                      "answers, so most evaluation prompts of that row were trained on; it shows that the composition "
+                      "leaves them intact, not retention on unseen prompts (docs/kv_arith.md, \"Forgetting\")."]
+    if r.get("reruns"):
+        lines += ["", "Re-run with later code (scripts/rerun_ablation.py; the JSON keeps the rows before): " +
+                  ", ".join(f"{x['variant']} ({x['date']})" for x in r["reruns"]) + "."]
     if "kv_substitution" in r.get("dc", {}) and len(r["dc"]) > 1:
         m = r["dc"]["kv_substitution"]["mean"]
         lines += ["", f"D_C = KV-Substitution over held-in keys (paper §4.1) instead: CALM "

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# Attention (wq, wk, wv, wo) and MLP projections: w1/w2/w3 in the Llama family, fc/proj in GPT-2.
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "fc", "proj")
 
 
 class LoRALinear(nn.Module):

@@ -196,3 +196,32 @@ def test_literal_operands_write_some_keys_as_their_numbers():
     for bad, match in ((1.5, "literal_fraction must be a number in"), (0.5, "kv_arithmetic only")):
         with pytest.raises(ValueError, match=match):
             t.sample("kv_substitution" if bad == 0.5 else "kv_arithmetic", "held_in", 1, 0, literal_fraction=bad)
+
+
+def test_rerun_ablation_replaces_one_row_and_records_it(tmp_path):
+    """scripts/rerun_ablation.py on a copy of the reference results (its steps cut to 2 in the
+    copy, so the run is quick): the row is replaced, the old one kept under "reruns", the
+    markdown says a row was re-run, and the other rows are untouched."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from calm_fast.demo import ASSETS
+    root = Path(__file__).resolve().parents[1]
+    if not (ASSETS / "m_B.safetensors").is_file():
+        pytest.skip("no shipped base models")
+    r = json.loads((root / "results" / "kv_arith.json").read_text())
+    r["config"]["compose_train"]["steps"] = 2
+    r["config"]["eval_samples"] = 16
+    (tmp_path / "kv_arith.json").write_text(json.dumps(r))
+    done = subprocess.run([sys.executable, str(root / "scripts" / "rerun_ablation.py"), "random_m_A", "--results",
+                           str(tmp_path), "--runs", str(tmp_path / "runs"), "--threads", "1"],
+                          cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    new = json.loads((tmp_path / "kv_arith.json").read_text())
+    assert new["reruns"][-1]["variant"] == "random_m_A" and new["reruns"][-1]["before"] == r["ablations"]["random_m_A"]
+    assert new["ablations"]["random_m_A"]["trained_params"] == r["ablations"]["random_m_A"]["trained_params"]
+    assert {k: v for k, v in new["ablations"].items() if k != "random_m_A"} == \
+        {k: v for k, v in r["ablations"].items() if k != "random_m_A"}
+    assert "Re-run with later code" in (tmp_path / "kv_arith.md").read_text()

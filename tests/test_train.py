@@ -107,3 +107,18 @@ def test_variants_have_matched_parameter_budgets(tiny_bases):
             assert torch.allclose(v.model(tokens), m_B(tokens))  # LoRA starts as the identity
         else:
             assert v.n_params() == budget
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_wraps_every_attention_and_mlp_projection(arch):
+    """The ablation's LoRA adapts every linear map of every block (GPT-2's MLP is fc/proj,
+    which the target list once missed), and nothing else (not the LM head)."""
+    from calm_fast.config import DecoderConfig
+    from calm_fast.decoder import Decoder
+    from calm_fast.lora import LoRALinear, add_lora
+    model = Decoder(DecoderConfig(arch=arch, vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=2,
+                                  ffn_dim=24, max_seq_len=16))
+    in_blocks = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
+    add_lora(model, 2)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == in_blocks and len(wrapped) == 2 * (7 if arch == "llama" else 6)
