@@ -261,7 +261,8 @@ class Decoder(nn.Module):
             if cache is not None and getattr(cache, "batch", tokens.shape[0]) != tokens.shape[0]:
                 raise ValueError(f"batch of {tokens.shape[0]} does not match the cache's batch "
                                  f"of {cache.batch}")
-            filled = getattr(cache, "filled", None)
+            # Eager only: a compiled step would guard on the count and recompile at every pos.
+            filled = None if torch.compiler.is_compiling() else getattr(cache, "filled", None)
             if filled is not None and pos > filled:
                 raise ValueError(f"pos={pos} leaves a gap: the cache holds {filled} token(s), so the next "
                                  f"tokens go at pos <= {filled} (pos < {filled} rewrites from there)")

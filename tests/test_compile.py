@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) traces the composed model: forward and training step equal eager."""
+import pytest
 import torch
 
 import calm_fast as cf
@@ -25,3 +26,38 @@ def test_compiled_forward_and_training_step_match_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for g, e in zip((p.grad for p in calm.trainable_parameters()), eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+_ANCHOR = _CACHE = None  # module globals, as a script's compiled step would reach them
+
+
+def _step(t, pos):
+    return _ANCHOR(t, cache=_CACHE, pos=pos)
+
+
+def test_compiled_cached_decode_does_not_recompile_per_position():
+    """A compiled cached decoder step (dynamic shapes) compiles for the prefill and once more
+    for decode steps, not once per position: the cache's fill count is checked in eager calls
+    only (a compiled step would guard on it: recompiled at every position until the limit,
+    then a hard failure under fullgraph), and it stays right after compiled steps."""
+    global _ANCHOR, _CACHE
+    torch._dynamo.reset()
+    _ANCHOR = make_calm("aligned", n_aug=1).anchor.eval()
+    _CACHE = _ANCHOR.setup_cache(1, 24)
+    compiles = []
+
+    def count(gm, example_inputs):
+        compiles.append(gm)
+        return gm
+    step = torch.compile(_step, backend=count, fullgraph=True, dynamic=True)
+    tokens = rand_tokens(1, 16)
+    with torch.no_grad():
+        want = _ANCHOR(tokens)[:, -1]
+        step(tokens[:, :4], 0)
+        for pos in range(4, 15):
+            step(tokens[:, pos:pos + 1], pos)
+        got = _ANCHOR(tokens[:, 15:16], cache=_CACHE, pos=15)[:, -1]  # eager, after compiled steps
+        assert len(compiles) <= 2, f"{len(compiles)} compilations for 12 steps"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="leaves a gap"):
+            _ANCHOR(tokens[:, :1], cache=_CACHE, pos=18)
