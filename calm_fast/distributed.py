@@ -72,7 +72,6 @@ def init_distributed(device: str | None = "auto", backend: str | None = None,
     MASTER_PORT); without those variables, a one-process DistEnv and no group. Device: CUDA
     rank LOCAL_RANK when available (nccl), else CPU (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ import torch
 
 from calm_fast.demo import (COMPOSE_TRAIN, MAPPINGS, VARIANTS, Variant, calm_param_count, load_bases,
                             train_bases, train_composition)
-from calm_fast.train import TrainConfig, answer_loss, fit, lr_at
+from calm_fast.train import TrainConfig, answer_loss, lr_at
 
 torch.set_num_threads(1)
 

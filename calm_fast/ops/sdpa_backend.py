@@ -6,7 +6,6 @@ also zeroes their gradient.
 Opt-in, not picked by "auto": torch's fused CPU kernel does not propagate NaN/inf inputs the way
 the reference does (a NaN query can give a finite row), so it is for finite inputs only; padded
 keys may hold anything (they are zeroed before SDPA, as in the reference)."""
-import torch
 import torch.nn.functional as F
 
 from .reference import attention_mask, decode_step_with, zero_padded_keys
