@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import tempfile
 import uuid
 import warnings
@@ -443,6 +444,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_STAGING_PREFIX = ".calm_onnx_staging."  # hidden folders in out_dir, one per export in progress
+
+
 def _install(staging: Path, out_dir: Path, files: list[str], graphs: list[str]) -> None:
     """Rename staged files into out_dir (data files before their graphs); a graph staged without
     external data loses any stale `<graph>.data` beside its final name."""
@@ -553,6 +557,8 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
         raise ValueError("export_bridges=True needs a CALM: a plain Decoder has no bridges")
     out_dir = _out_path(out_dir, "out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{_STAGING_PREFIX}*"):  # left by an export killed while staging
+        shutil.rmtree(stale, ignore_errors=True)
     was_training = model.training
     first = next(model.parameters())
     if first.device.type != "cpu" or first.dtype != dtype:
@@ -565,7 +571,7 @@ def export_onnx(model, out_dir, *, opset: int = 18, attention: str = "standard",
     try:
         # Everything is written and checked in `staging` first: interrupted there, out_dir still
         # holds the previous export, untouched.
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".calm_onnx_staging.") as staging:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=_STAGING_PREFIX) as staging:
             staging = Path(staging)
             base = _Step(anchor, calm, attention, dtype).eval()
             dtype_name = _NP_DTYPES[dtype]

@@ -317,6 +317,17 @@ def test_interrupted_reexport_keeps_the_old_export(tmp_path, monkeypatch):
     np.testing.assert_allclose(_prefill_logits(out), _eager_logits(v2), atol=1e-5)
 
 
+def test_staging_left_by_a_killed_export_is_removed_by_the_next(tmp_path):
+    """An export killed (SIGKILL: no cleanup runs) while staging leaves its hidden folder in
+    out_dir; the next export into that directory removes it."""
+    out = tmp_path / "exp"
+    stale = out / ".calm_onnx_staging.killed"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"half a graph")
+    export_onnx(_tiny_calm(0), out)
+    assert _hidden(out) == []
+
+
 def test_reexport_interrupted_while_installing_refuses_to_load(tmp_path, monkeypatch):
     v1, v2 = _tiny_calm(0), _tiny_calm(0, shift=0.5)
     out = tmp_path / "exp"
