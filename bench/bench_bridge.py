@@ -225,6 +225,60 @@ def _with_env(name: str, value: str, fn, *args):
             os.environ[name] = old
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every argument the run would trip over later (a traceback, an empty median after the
+    ceilings, a backend silently left out of the report), as an argparse error (exit 2) before
+    anything is built or timed. Runs on the arguments as given, before the defaults fill in."""
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        p.error(f"--device must be cpu or cuda (optionally cuda:N), got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda (optionally cuda:N), got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        p.error(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for flag in ("repeats", "cache_rows", "d_a", "head_dim", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.backends is not None:
+        dtype = getattr(torch, args.dtype) if args.dtype else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        here = [b for b in ops.available_backends(device, dtype) if b != "reference"]
+        names = args.backends.split(",")
+        if not all(names):
+            p.error(f"--backends must be a comma list of backend names, got {args.backends!r}")
+        for name in names:
+            if name not in ops.BACKENDS or name == "reference":
+                p.error(f"--backends: unknown backend {name!r} (choose from "
+                        f"{', '.join(b for b in ops.BACKENDS if b != 'reference')}; the reference is always "
+                        f"timed, as 'ref')")
+            if name not in here:
+                p.error(f"--backends: {name!r} is not available for device {device} and dtype "
+                        f"{str(dtype).split('.')[-1]} (available here: {', '.join(here) or 'none'})")
+
+
+def check_head_dim(p: argparse.ArgumentParser, args, sections) -> None:
+    """--head-dim must split every width the chosen sections run (known once the defaults are in)."""
+    widths = []
+    if "prefill" in sections and torch.device(args.device).type != "cuda":  # CUDA prefill: fixed heads
+        widths += [(w, "prefill width") for w, _ in args.prefill_widths]
+    if "decode" in sections:
+        widths += [(w, "decode width") for w in args.decode_widths]
+    if "attention" in sections:
+        widths.append((args.attn_channels, "attention channel count"))
+    for width, what in widths:
+        if width % args.head_dim:
+            p.error(f"--head-dim {args.head_dim} does not divide the {what} {width} (heads = width / head dim)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -241,6 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None, help="file-name tag (default: the device name)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch and the C++ kernels)")
     args = p.parse_args(argv)
+    check_args(p, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -268,6 +323,7 @@ def main(argv=None) -> int:
     if not gpu:
         args.prefill_widths = [(w, w // args.head_dim) for w, _ in args.prefill_widths]
     sections = args.only or (["prefill", "decode", "attention"] if gpu else ["prefill", "decode", "attention"])
+    check_head_dim(p, args, sections)
     print(f"device={device} dtype={dtype} backends={backends} threads={torch.get_num_threads()}", flush=True)
     ceil = common.ceilings(device, quick=q)
     print("ceilings:", {k: round(v, 1) for k, v in ceil.items()}, flush=True)

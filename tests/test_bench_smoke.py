@@ -165,3 +165,52 @@ def test_bench_onnx_warns_when_tokens_differ(tmp_path, monkeypatch, capsys):
     assert [r["same_tokens_as_eager"] for r in report["results"] if r["engine"] == "ort_cpu"] == [False]
     assert len(report["warnings"]) == 1 and "ort_cpu" in report["warnings"][0], report["warnings"]
     assert "WARNING: batch 1 ort_cpu: greedy tokens differ from eager's" in capsys.readouterr().err
+
+
+def _bench_module(script: str):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"calm_bench_{Path(script).stem}", ROOT / "bench" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _no_work(*a, **k):
+    raise AssertionError("the benchmark started before its arguments were checked")
+
+
+def _argparse_error(main, argv, flag, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and flag in lines[0], err
+    return lines[0]
+
+
+_NO_CUDA = [] if __import__("torch").cuda.is_available() else [(["--device", "cuda"], "--device")]
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--dtype", "bogus"], "--dtype"), (["--dtype", "int32"], "--dtype"), (["--device", "bogus"], "--device"),
+    (["--device", "meta"], "--device"), (["--repeats", "0"], "--repeats"), (["--repeats", "-1"], "--repeats"),
+    (["--cache-rows", "0"], "--cache-rows"), (["--d-a", "-3"], "--d-a"), (["--threads", "-2"], "--threads"),
+    (["--head-dim", "0"], "--head-dim"), (["--head-dim", "96"], "--head-dim"),
+    (["--head-dim", "1024", "--only", "decode"], "--head-dim"),
+    (["--backends", "bogus"], "--backends"), (["--backends", ","], "--backends"),
+    (["--backends", "reference"], "--backends"),
+] + _NO_CUDA)
+def test_bench_bridge_bad_arguments_are_argparse_errors(monkeypatch, capsys, extra, flag):
+    """Audit bug: these were tracebacks (AttributeError for --dtype, RuntimeError for --device,
+    a reshape error for --head-dim), a StatisticsError after the ceilings (--repeats -1), a
+    silent fallback to the default (--repeats/--cache-rows/--head-dim 0), or a report with the
+    asked-for backends silently left out (--backends)."""
+    bench = _bench_module("bench_bridge.py")
+    for name in ("bench_prefill", "bench_decode", "bench_attention"):
+        monkeypatch.setattr(bench, name, _no_work)
+    monkeypatch.setattr(bench.common, "ceilings", _no_work)
+    argv = ["--quick", "--repeats", "1", "--out-dir", "/nonexistent/never-written"]
+    if "--device" not in extra:
+        argv = ["--device", "cpu"] + argv
+    _argparse_error(bench.main, argv + extra, flag, capsys)
