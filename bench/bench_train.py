@@ -80,7 +80,33 @@ class Variant:
         return loss.detach()
 
 
-def main():
+SPECS = {"eager": ("reference", False, False), "compile": ("reference", True, False),
+         "cpp_eager": ("cpp", False, False), "cpp_compile": ("cpp", True, False),
+         "cached_states": ("reference", False, True)}
+
+
+def check_args(ap: argparse.ArgumentParser, args, have_cpp: bool) -> None:
+    """Every argument the run would trip over later (a KeyError after earlier variants were
+    built and compiled, an empty median after every round), as an argparse error (exit 2)
+    before any model is built."""
+    for flag in ("repeats", "steps"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    names = args.variants.split(",")
+    for name in names:
+        if name not in SPECS:
+            ap.error(f"--variants: unknown variant {name!r} in {args.variants!r} (choose from {', '.join(SPECS)})")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        ap.error(f"--variants names {dup[0]!r} more than once in {args.variants!r}")
+    if not have_cpp and all(SPECS[n][0] == "cpp" for n in names):
+        ap.error(f"--variants {args.variants}: every variant needs the 'cpp' backend, which "
+                 f"calm_fast.ops.available_backends() does not list (extension not built)")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5, help="rounds; each times every variant once")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
@@ -88,20 +114,18 @@ def main():
     ap.add_argument("--variants", default="eager,compile,cpp_eager,cpp_compile,cached_states")
     ap.add_argument("--small", action="store_true", help="tiny models: a plumbing check, not a result")
     ap.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    have_cpp = "cpp" in cf.ops.available_backends("cpu")
+    check_args(ap, args, have_cpp)
     if args.threads:
         torch.set_num_threads(args.threads)
     ref = dict(REF)
     if args.small:
         ref.update(anchor=(4, 128, 4), augment=(4, 64, 2), mapping=[(1, 1), (3, 3)], seq=64)
     seq = torch.randint(0, ref["vocab"], (ref["batch"], ref["seq"] + 1), generator=torch.Generator().manual_seed(1234))
-    have_cpp = "cpp" in cf.ops.available_backends("cpu")
-    specs = {"eager": ("reference", False, False), "compile": ("reference", True, False),
-             "cpp_eager": ("cpp", False, False), "cpp_compile": ("cpp", True, False),
-             "cached_states": ("reference", False, True)}
     notes, variants = [], []
     for name in args.variants.split(","):
-        backend, compiled, cached = specs[name]
+        backend, compiled, cached = SPECS[name]
         if backend == "cpp" and not have_cpp:
             notes.append(f"{name}: skipped, calm_fast.ops.available_backends() has no 'cpp' (extension not built)")
             continue

@@ -214,3 +214,29 @@ def test_bench_bridge_bad_arguments_are_argparse_errors(monkeypatch, capsys, ext
     if "--device" not in extra:
         argv = ["--device", "cpu"] + argv
     _argparse_error(bench.main, argv + extra, flag, capsys)
+
+
+def _main_with_argv(monkeypatch, bench, script: str, argv: list[str]):
+    """bench.main() reading argv from sys.argv, as when the script is run."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    return bench.main
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--variants", "bogus"], "--variants"), (["--variants", "eager,bogus"], "--variants"),
+    (["--variants", ""], "--variants"), (["--variants", "eager,eager"], "--variants"),
+    (["--repeats", "0"], "--repeats"), (["--steps", "0"], "--steps"), (["--steps", "-1"], "--steps"),
+    (["--threads", "-1"], "--threads"), (["--variants", "cpp_eager", "--no-cpp"], "--variants"),
+])
+def test_bench_train_bad_arguments_are_argparse_errors(monkeypatch, capsys, extra, flag):
+    """Audit bug: an unknown --variants name was a KeyError (after the variants before it had
+    been built and compiled), --repeats/--steps 0 a StatisticsError after building every
+    variant, --variants naming only cpp variants without the extension a ZeroDivisionError."""
+    bench = _bench_module("bench_train.py")
+    monkeypatch.setattr(bench, "Variant", _no_work)
+    if "--no-cpp" in extra:
+        extra = [a for a in extra if a != "--no-cpp"]
+        monkeypatch.setattr(bench.cf.ops, "available_backends", lambda *a, **k: ["reference", "sdpa"])
+    argv = ["--small", "--repeats", "1", "--steps", "1", "--variants", "eager", "--out", "/nonexistent/x.json"]
+    main = _main_with_argv(monkeypatch, bench, "bench_train.py", argv + extra)
+    _argparse_error(lambda _argv: main(), None, flag, capsys)
