@@ -123,7 +123,28 @@ def single_step_times(models: dict, prompt_len: int, vocab: int, rounds: int) ->
     return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} for k, v in times.items()}
 
 
-def main():
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Every argument the run would trip over later (a ZeroDivisionError or an empty median
+    after the generation timings, a prompt-length error, an unknown backend at the first
+    call), as an argparse error (exit 2) before any model is built."""
+    for flag in ("repeats", "bw_mb", "step_rounds"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.new_tokens < 2:
+        ap.error(f"--new-tokens must be >= 2 (a step is (time of N tokens - time of 1) / (N - 1)), "
+                 f"got {args.new_tokens}")
+    room = REF["max_seq_len"] - REF["prompt"]
+    if args.new_tokens > room:
+        ap.error(f"--new-tokens must be <= {room} (the {REF['prompt']}-token prompt plus the new tokens must "
+                 f"fit max_seq_len {REF['max_seq_len']}), got {args.new_tokens}")
+    here = cf.ops.available_backends("cpu")
+    if args.backend != "auto" and args.backend not in here:
+        ap.error(f"--backend must be auto or one available on the CPU ({', '.join(here)}), got {args.backend!r}")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -132,7 +153,8 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--step-rounds", type=int, default=60, help="rounds of the single-step overhead measurement")
     ap.add_argument("--out", default=str(ROOT / "bench/results/roofline_cpu.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

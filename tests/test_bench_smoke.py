@@ -240,3 +240,21 @@ def test_bench_train_bad_arguments_are_argparse_errors(monkeypatch, capsys, extr
     argv = ["--small", "--repeats", "1", "--steps", "1", "--variants", "eager", "--out", "/nonexistent/x.json"]
     main = _main_with_argv(monkeypatch, bench, "bench_train.py", argv + extra)
     _argparse_error(lambda _argv: main(), None, flag, capsys)
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--new-tokens", "1"], "--new-tokens"), (["--new-tokens", "0"], "--new-tokens"),
+    (["--new-tokens", "449"], "--new-tokens"), (["--repeats", "0"], "--repeats"), (["--bw-mb", "0"], "--bw-mb"),
+    (["--step-rounds", "0"], "--step-rounds"), (["--threads", "-1"], "--threads"),
+    (["--backend", "bogus"], "--backend"),
+])
+def test_bench_roofline_bad_arguments_are_argparse_errors(monkeypatch, capsys, extra, flag):
+    """Audit bug: --new-tokens 1 was a ZeroDivisionError after every generation timing,
+    --new-tokens past max_seq_len - prompt a prompt-length error naming no flag, --repeats or
+    --step-rounds 0 a StatisticsError after the models ran, --bw-mb 0 a ZeroDivisionError in the
+    roofline (zero bandwidth), --backend bogus a traceback at the first call."""
+    bench = _bench_module("bench_roofline.py")
+    monkeypatch.setattr(bench, "decoder", _no_work)
+    argv = ["--repeats", "1", "--bw-mb", "16", "--new-tokens", "4", "--step-rounds", "2", "--out", "/nonexistent/x"]
+    main = _main_with_argv(monkeypatch, bench, "bench_roofline.py", argv + extra)
+    _argparse_error(lambda _argv: main(), None, flag, capsys)
