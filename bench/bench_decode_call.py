@@ -21,11 +21,17 @@ from calm_fast import ops
 from calm_fast.ops import native, reference as ref
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--flush-mb", type=int, default=512, help="buffer rewritten before each call (> L3)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # Checked before any work: --rounds 0 was an empty median after the warm-up rounds, a
+    # negative --flush-mb a traceback from torch.zeros.
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.flush_mb < 0:
+        ap.error(f"--flush-mb must be >= 0 (0: no eviction), got {args.flush_mb}")
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     d_b, d_a, heads, rows, pos = 512, 256, 8, 256, 192

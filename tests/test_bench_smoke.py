@@ -258,3 +258,15 @@ def test_bench_roofline_bad_arguments_are_argparse_errors(monkeypatch, capsys, e
     argv = ["--repeats", "1", "--bw-mb", "16", "--new-tokens", "4", "--step-rounds", "2", "--out", "/nonexistent/x"]
     main = _main_with_argv(monkeypatch, bench, "bench_roofline.py", argv + extra)
     _argparse_error(lambda _argv: main(), None, flag, capsys)
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--rounds", "0"], "--rounds"), (["--rounds", "-2"], "--rounds"), (["--flush-mb", "-1"], "--flush-mb"),
+])
+def test_bench_decode_call_bad_arguments_are_argparse_errors(monkeypatch, capsys, extra, flag):
+    """Audit bug: --rounds 0 was a StatisticsError after the warm-up rounds had run every call
+    layer, --flush-mb -1 a RuntimeError traceback from torch.zeros."""
+    bench = _bench_module("bench_decode_call.py")
+    monkeypatch.setattr(bench.native, "_decode_args", _no_work)
+    main = _main_with_argv(monkeypatch, bench, "bench_decode_call.py", ["--flush-mb", "8"] + extra)
+    _argparse_error(lambda _argv: main(), None, flag, capsys)
