@@ -159,19 +159,35 @@ def two_process(strategy, batch, seq, reps):
     return got
 
 
-def main():
+def check_args(ap: argparse.ArgumentParser, args, device: torch.device) -> None:
+    """Every argument the run would trip over later (an IndexError after the first measured
+    step, an empty per-rank batch or a too-long sequence failing inside the 2-process run after
+    the single-process figures), as an argparse error (exit 2) before any model is built."""
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
+    min_batch = 2 if device.type == "cpu" else 1  # the CPU run also splits the batch over 2 ranks
+    if args.batch < min_batch:
+        ap.error(f"--batch must be >= {min_batch}" + (" (the 2-process run gives each rank batch // 2 rows)"
+                                                       if min_batch == 2 else "") + f", got {args.batch}")
+    limit = min(ANCHOR["max_seq_len"], AUGMENT["max_seq_len"])
+    if not 1 <= args.seq <= limit:
+        ap.error(f"--seq must be in 1..{limit} (the models' max_seq_len), got {args.seq}")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--worker", default=None)
+    ap.add_argument("--worker", default=None, choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.batch, args.seq, args.reps)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_args(ap, args, device)
     batch, seq, reps = (4, 64, 2) if args.quick else (args.batch, args.seq, args.reps)
     res = {"device": str(device), "torch": torch.__version__, "host": platform.node(),
            "threads": torch.get_num_threads(), "batch": batch, "seq": seq, "anchor": ANCHOR, "augment": AUGMENT,

@@ -270,3 +270,25 @@ def test_bench_decode_call_bad_arguments_are_argparse_errors(monkeypatch, capsys
     monkeypatch.setattr(bench.native, "_decode_args", _no_work)
     main = _main_with_argv(monkeypatch, bench, "bench_decode_call.py", ["--flush-mb", "8"] + extra)
     _argparse_error(lambda _argv: main(), None, flag, capsys)
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--reps", "0"], "--reps"), (["--batch", "1"], "--batch"), (["--batch", "0"], "--batch"),
+    (["--seq", "0"], "--seq"), (["--seq", "257"], "--seq"),
+])
+def test_bench_scaling_bad_arguments_are_argparse_errors(monkeypatch, capsys, extra, flag):
+    """Audit bug: --reps 0 was an IndexError after the first measured step; --batch 1 left each
+    rank of the 2-process run an empty batch and --seq past max_seq_len failed inside the model,
+    tracebacks naming no flag."""
+    import torch
+    if torch.cuda.is_available() and extra[0] == "--batch" and extra[1] == "1":
+        pytest.skip("on CUDA there is no 2-process run: --batch 1 is valid")
+    bench = _bench_module("bench_scaling.py")
+    monkeypatch.setattr(bench, "single_process", _no_work)
+    monkeypatch.setattr(bench, "two_process", _no_work)
+    threads = torch.get_num_threads()
+    try:
+        main = _main_with_argv(monkeypatch, bench, "bench_scaling.py", ["--out", "/nonexistent/x"] + extra)
+        _argparse_error(lambda _argv: main(), None, flag, capsys)
+    finally:
+        torch.set_num_threads(threads)  # main() sets OMP_NUM_THREADS's count for this process
