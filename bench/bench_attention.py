@@ -158,10 +158,10 @@ def main() -> int:
                     help="skip the eager reference where its score tensors exceed this")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    if not args.eager_limit_gb >= 0:  # NaN too: it would silently drop the reference everywhere
+        ap.error(f"--eager-limit-gb must be a number >= 0, got {args.eager_limit_gb}")
     if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU (Triton kernels, SDPA flash); none found.",
-              file=sys.stderr)
-        return 2
+        ap.error("needs a CUDA GPU (Triton kernels, SDPA flash); none found")
     import triton
     from triton.testing import do_bench
 

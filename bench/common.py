@@ -100,6 +100,10 @@ def time_fn(fn: Callable[[], object], device="cpu", repeats: int = 15, warmup: i
 def compare(variants: dict[str, Callable[[], object]], device="cpu", repeats: int = 15,
             warmup: int = 2, min_sample_s: float = 2e-3) -> dict[str, dict]:
     """Time several variants of one computation round-robin; {name: summarize(...)}."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1 (a median needs a sample), got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     calls = {}
     for name, fn in variants.items():
         for _ in range(warmup):

@@ -292,3 +292,22 @@ def test_bench_scaling_bad_arguments_are_argparse_errors(monkeypatch, capsys, ex
         _argparse_error(lambda _argv: main(), None, flag, capsys)
     finally:
         torch.set_num_threads(threads)  # main() sets OMP_NUM_THREADS's count for this process
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_bench_attention_eager_limit_must_be_a_size(value):
+    """A negative or NaN --eager-limit-gb silently dropped the eager reference from every row;
+    now a usage error (checked before the script asks for a GPU)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "bench/bench_attention.py"), "--eager-limit-gb", value],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--eager-limit-gb" in done.stderr, done.stderr[-2000:]
+
+
+def test_timing_helpers_refuse_an_empty_sample():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    with pytest.raises(ValueError, match="repeats"):
+        common.time_fn(lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        common.compare({"a": lambda: None}, warmup=-1)
