@@ -195,8 +195,10 @@ def _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, 
         d_a = h_a.shape[2]
         _check_tensor(what, "w_kv", w_kv, (2 * d_b, d_a), like=h_b)
         _check_tensor(what, "b_kv", b_kv, (2 * d_b,), like=h_b)
-    if not 0 <= pos < s + (h_a is None):
-        raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    if h_a is not None and not 0 <= pos < s:
+        raise ValueError(f"{what}: pos={pos} is outside the bridge cache of {s} rows")
+    if h_a is None and not 0 <= pos <= s:
+        raise ValueError(f"{what}: pos={pos} is outside [0, {s}] (context mode attends rows [0, pos))")
     _check_key_padding_mask(kpm, (bsz, s), h_b.device, "(B, S)")
 
 

@@ -157,54 +157,20 @@ def _check_attention(q, k, v, mask, kpm) -> None:
 
 
 def _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm) -> None:
+    """The dispatcher's checks (shapes, dtypes, devices, pos, mask), then what the kernels add:
+    a device and dtype they handle, caches they can write in place."""
+    from . import _check_decode_inputs  # the package's own, defined before it loads this module
     what = "bridge_decode_step"
-    _check_required(what, h_b=h_b, w_q=w_q, w_o=w_o, k_cache=k_cache, v_cache=v_cache)
+    _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm)
     _check_backend(h_b.device, h_b.dtype, what)
-    _check_same(what, h_b, h_a=h_a, w_q=w_q, w_o=w_o, k_cache=k_cache, v_cache=v_cache,
-                **({"w_kv": w_kv, "b_kv": b_kv} if h_a is not None else {}))
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
-        raise ValueError(f"{what}: n_heads must be a positive int, got {n_heads!r}")
-    if isinstance(pos, bool) or not isinstance(pos, (int, torch.SymInt)):
-        raise TypeError(f"{what}: pos must be an int, got {type(pos).__name__}")
-    if h_b.dim() != 3 or h_b.shape[1] != 1:
-        raise ValueError(f"{what}: h_b must be (B, 1, D_B), got {tuple(h_b.shape)}")
-    bsz, _, d_b = h_b.shape
-    if d_b % n_heads:
-        raise ValueError(f"{what}: D_B={d_b} is not a multiple of n_heads={n_heads}")
-    hd = d_b // n_heads
-    for name, t, shape in (("w_q", w_q, (d_b, d_b)), ("w_o", w_o, (d_b, d_b))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{what}: {name} must have shape {shape}, got {tuple(t.shape)}")
-    if k_cache.dim() != 4 or tuple(k_cache.shape[:2]) != (bsz, n_heads) or k_cache.shape[3] != hd:
-        raise ValueError(f"{what}: k_cache must be (B, H, S, d)=({bsz}, {n_heads}, S, {hd}), "
-                         f"got {tuple(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"{what}: v_cache shape {tuple(v_cache.shape)} differs from k_cache "
-                         f"{tuple(k_cache.shape)}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if hd > 1 and c.stride(-1) != 1:
+        if c.shape[-1] > 1 and c.stride(-1) != 1:
             raise ValueError(f"{what}: {name} is written in place and needs a unit stride in its "
                              f"last dim, got strides {tuple(c.stride())}")
         if h_a is not None and _self_overlapping(c):  # e.g. a cache expand()ed over the batch
             raise ValueError(f"{what}: {name} is written in place but elements share memory "
                              f"(shape {tuple(c.shape)}, strides {tuple(c.stride())}); pass a "
                              f"cache with its own memory per row (e.g. .contiguous())")
-    s = k_cache.shape[2]
-    if h_a is not None:
-        if h_a.dim() != 3 or tuple(h_a.shape[:2]) != (bsz, 1):
-            raise ValueError(f"{what}: h_a must be (B, 1, D_A) with B={bsz}, got {tuple(h_a.shape)}")
-        d_a = h_a.shape[2]
-        if w_kv is None or tuple(w_kv.shape) != (2 * d_b, d_a):
-            raise ValueError(f"{what}: w_kv must have shape {(2 * d_b, d_a)}, got "
-                             f"{None if w_kv is None else tuple(w_kv.shape)}")
-        if b_kv is None or tuple(b_kv.shape) != (2 * d_b,):
-            raise ValueError(f"{what}: b_kv must have shape {(2 * d_b,)}, got "
-                             f"{None if b_kv is None else tuple(b_kv.shape)}")
-        if not 0 <= pos < s:
-            raise ValueError(f"{what}: pos={pos} is outside the bridge cache of {s} rows")
-    elif not 0 <= pos <= s:
-        raise ValueError(f"{what}: pos={pos} is outside [0, {s}] (context mode attends rows [0, pos))")
-    _check_mask(what, kpm, (bsz, s), h_b.device)
 
 
 # ------------------------------------------------------------------ attention forward
