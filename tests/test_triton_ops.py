@@ -257,24 +257,24 @@ def test_attention_causality_holds():
 
 
 DECODE_CASES = [
-    # b, h, hd, d_a, s, pos, context, kpm, bias
-    (1, 2, 16, 24, 40, 37, False, None, True),      # aligned, several splits
-    (3, 3, 24, 20, 29, 11, False, "rand", True),    # B=3, head dim 24, padding
-    (2, 2, 32, 16, 33, 33, True, "rand", True),     # context mode over the whole cache
-    (1, 4, 16, 8, 20, 0, False, None, False),       # first step, no bias
-    (2, 2, 16, 16, 12, 0, True, None, True),        # context mode, empty cache: output = h_b
-    (2, 2, 16, 16, 24, 10, False, "left", True),    # aligned, a row whose keys are all padded
+    # b, h, hd, d_a, s, pos, context, kpm
+    (1, 2, 16, 24, 40, 37, False, None),        # aligned, several splits
+    (3, 3, 24, 20, 29, 11, False, "rand"),      # B=3, head dim 24, padding
+    (2, 2, 32, 16, 33, 33, True, "rand"),       # context mode over the whole cache
+    (1, 4, 16, 8, 20, 0, False, None),          # first step
+    (2, 2, 16, 16, 12, 0, True, None),          # context mode, empty cache: output = h_b
+    (2, 2, 16, 16, 24, 10, False, "left"),      # aligned, a row whose keys are all padded
 ]
 
 
-def check_decode(b, h, hd, d_a, s, pos, context, kpm_kind, bias, dtype, device, tol, seed=0):
+def check_decode(b, h, hd, d_a, s, pos, context, kpm_kind, dtype, device, tol, seed=0):
     gen = torch.Generator().manual_seed(seed)
     d_b = h * hd
     h_b = torch.randn(b, 1, d_b, generator=gen)
     h_a = None if context else torch.randn(b, 1, d_a, generator=gen)
     w_q = torch.randn(d_b, d_b, generator=gen) / d_b ** 0.5
     w_kv = torch.randn(2 * d_b, d_a, generator=gen) / d_a ** 0.5
-    b_kv = torch.randn(2 * d_b, generator=gen) if bias else None
+    b_kv = torch.randn(2 * d_b, generator=gen)
     w_o = torch.randn(d_b, d_b, generator=gen) / d_b ** 0.5
     k_cache = torch.randn(b, h, s, hd, generator=gen)
     v_cache = torch.randn(b, h, s, hd, generator=gen)
@@ -311,9 +311,9 @@ def check_decode(b, h, hd, d_a, s, pos, context, kpm_kind, bias, dtype, device, 
 
 
 @interp_only
-@pytest.mark.parametrize("b,h,hd,d_a,s,pos,context,kpm,bias", DECODE_CASES)
-def test_decode_step_interpreter_fp32(b, h, hd, d_a, s, pos, context, kpm, bias):
-    check_decode(b, h, hd, d_a, s, pos, context, kpm, bias, torch.float32, "cpu", tol=1e-5)
+@pytest.mark.parametrize("b,h,hd,d_a,s,pos,context,kpm", DECODE_CASES)
+def test_decode_step_interpreter_fp32(b, h, hd, d_a, s, pos, context, kpm):
+    check_decode(b, h, hd, d_a, s, pos, context, kpm, torch.float32, "cpu", tol=1e-5)
 
 
 @interp_only
@@ -503,16 +503,16 @@ def test_attention_gpu_strided_bf16(no_autotune):
                     strided=True)
 
 
-GPU_DECODE_CASES = DECODE_CASES + [(1, 32, 128, 2048, 2048, 1500, False, None, True),
-                                   (4, 8, 64, 256, 700, 699, True, "rand", True)]
+GPU_DECODE_CASES = DECODE_CASES + [(1, 32, 128, 2048, 2048, 1500, False, None),
+                                   (4, 8, 64, 256, 700, 699, True, "rand")]
 GPU_DECODE_PARAMS = ([(*c, torch.bfloat16, 1e-2) for c in GPU_DECODE_CASES]
                      + [(*GPU_DECODE_CASES[i], torch.float32, 1e-5) for i in (1, 6)])
 
 
 @gpu_only
-@pytest.mark.parametrize("b,h,hd,d_a,s,pos,context,kpm,bias,dtype,tol", GPU_DECODE_PARAMS)
-def test_decode_step_gpu(b, h, hd, d_a, s, pos, context, kpm, bias, dtype, tol):
-    check_decode(b, h, hd, d_a, s, pos, context, kpm, bias, dtype, "cuda", tol)
+@pytest.mark.parametrize("b,h,hd,d_a,s,pos,context,kpm,dtype,tol", GPU_DECODE_PARAMS)
+def test_decode_step_gpu(b, h, hd, d_a, s, pos, context, kpm, dtype, tol):
+    check_decode(b, h, hd, d_a, s, pos, context, kpm, dtype, "cuda", tol)
 
 
 @gpu_only
@@ -544,3 +544,23 @@ def test_compile_inductor_gpu(no_autotune):
     want = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
     for got, exp in zip(grads, want):
         assert rel_err(got.float(), exp.float()) <= 1e-3
+
+
+def test_decode_step_refuses_caches_it_cannot_write():
+    """The kernels write the new K/V row through pointers: an expand()ed cache (rows sharing
+    memory) or one memory for both caches would be a silently wrong cache, so both are refused
+    before any launch (no interpreter needed)."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, hd, d_a, s, pos = 2, 2, 4, 3, 6, 2
+    d_b = h * hd
+    h_b, h_a = torch.randn(b, 1, d_b, generator=gen), torch.randn(b, 1, d_a, generator=gen)
+    w_q, w_o = torch.randn(d_b, d_b, generator=gen), torch.randn(d_b, d_b, generator=gen)
+    w_kv, b_kv = torch.randn(2 * d_b, d_a, generator=gen), torch.randn(2 * d_b, generator=gen)
+    kc, vc = torch.randn(b, h, s, hd, generator=gen), torch.randn(b, h, s, hd, generator=gen)
+    with pytest.raises(ValueError, match="k_cache is written in place but elements share memory"):
+        tx.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc[:1].expand_as(kc), vc, pos, h)
+    with pytest.raises(ValueError, match="k_cache overlaps v_cache"):
+        tx.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc, kc, pos, h)
+    with pytest.raises(ValueError, match="k_cache overlaps v_cache"):
+        kv = torch.randn(b, h, s, 2, hd, generator=gen)  # interleaved: refused, conservatively
+        tx.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kv[..., 0, :], kv[..., 1, :], pos, h)

@@ -10,7 +10,11 @@ A backend is a module exposing
   cross_attention(q, k, v, mask, key_padding_mask) -> Tensor   (differentiable)
   bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
                      key_padding_mask) -> Tensor               (inference only)
-with exactly the semantics of the functions of the same name in reference.py.
+with exactly the semantics of the functions of the same name in reference.py, and optionally
+  bridge_decode_step_checked(same arguments) -> Tensor
+the same step for inputs that already passed the dispatcher's _check_decode_inputs (it runs
+only the backend's own checks: a decode step is called once per bridge and token, and the
+shared checks are a good part of its host time at small widths).
 """
 from __future__ import annotations
 
@@ -140,7 +144,7 @@ def _check_tensor(what: str, name: str, t, shape: tuple | None = None, dims: int
         raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{what}: {name} must be a floating-point tensor, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if shape is not None and t.shape != tuple(shape):
         raise ValueError(f"{what}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{what}: {name} must be {dims}-D, got shape {tuple(t.shape)}")
@@ -171,7 +175,7 @@ def _check_bridge_forward(h_b, h_a, w_proj, b_proj, w_q, w_k, w_v, w_o, n_heads,
 
 
 def _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm) -> None:
-    """The same checks for every backend (the native ones check again, in their own terms):
+    """The same checks for every backend (each adds its own in bridge_decode_step_checked):
     shapes, batch, heads, dtypes and devices (all h_b's: the caches are written in place),
     pos an int inside the cache, the key padding mask (B, S) bool."""
     what = "bridge_decode_step"
@@ -200,6 +204,34 @@ def _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, 
     if h_a is None and not 0 <= pos <= s:
         raise ValueError(f"{what}: pos={pos} is outside [0, {s}] (context mode attends rows [0, pos))")
     _check_key_padding_mask(kpm, (bsz, s), h_b.device, "(B, S)")
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True when two elements of `t` may share memory: stride 0 over a dim of size > 1, or
+    (dims sorted by stride) a stride within the reach of the smaller ones. Strides only, so
+    it also runs on fake tensors; conservative like csrc/validate.cpp."""
+    if t.numel() == 0 or t.is_contiguous():
+        return False
+    reach = 0
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def _check_caches_writable(h_a, k_cache, v_cache) -> None:
+    """For the fused kernels, which write the caches in place (aligned mode, h_a given) through
+    pointers: a unit stride in the last dim, and no two elements sharing memory."""
+    what = "bridge_decode_step"
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.shape[-1] > 1 and c.stride(-1) != 1:
+            raise ValueError(f"{what}: {name} is written in place and needs a unit stride in its "
+                             f"last dim, got strides {tuple(c.stride())}")
+        if h_a is not None and _self_overlapping(c):  # e.g. a cache expand()ed over the batch
+            raise ValueError(f"{what}: {name} is written in place but elements share memory "
+                             f"(shape {tuple(c.shape)}, strides {tuple(c.stride())}); pass a "
+                             f"cache with its own memory per row (e.g. .contiguous())")
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str = "aligned",
@@ -234,8 +266,8 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
     _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
                          key_padding_mask)
     mod = resolve_backend(backend, "bridge_decode_step", h_b.device, h_b.dtype)
-    return mod.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
-                                  key_padding_mask)
+    step = getattr(mod, "bridge_decode_step_checked", mod.bridge_decode_step)
+    return step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask)
 
 
 _load_backends()

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from . import _check_caches_writable, _check_decode_inputs  # the package's own: defined before the package loads this module
 from .reference import attention_mask, zero_padded_keys
 
 try:
@@ -96,20 +97,6 @@ def _check_required(what: str, **tensors) -> None:
             raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
 
 
-def _self_overlapping(t: torch.Tensor) -> bool:
-    """True when two elements of `t` may share memory: stride 0 over a dim of size > 1, or
-    (dims sorted by stride) a stride within the reach of the smaller ones. Strides only, so
-    it also runs on fake tensors; conservative like csrc/validate.cpp, which checks again."""
-    if t.numel() == 0:
-        return False
-    reach = 0
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s > 1):
-        if stride <= reach:
-            return True
-        reach += (size - 1) * stride
-    return False
-
-
 def _check_same(what: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is None:
@@ -156,21 +143,11 @@ def _check_attention(q, k, v, mask, kpm) -> None:
     _check_mask(what, kpm, (b, tk), q.device)
 
 
-def _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm) -> None:
-    """The dispatcher's checks (shapes, dtypes, devices, pos, mask), then what the kernels add:
-    a device and dtype they handle, caches they can write in place."""
-    from . import _check_decode_inputs  # the package's own, defined before it loads this module
-    what = "bridge_decode_step"
-    _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, kpm)
-    _check_backend(h_b.device, h_b.dtype, what)
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if c.shape[-1] > 1 and c.stride(-1) != 1:
-            raise ValueError(f"{what}: {name} is written in place and needs a unit stride in its "
-                             f"last dim, got strides {tuple(c.stride())}")
-        if h_a is not None and _self_overlapping(c):  # e.g. a cache expand()ed over the batch
-            raise ValueError(f"{what}: {name} is written in place but elements share memory "
-                             f"(shape {tuple(c.shape)}, strides {tuple(c.stride())}); pass a "
-                             f"cache with its own memory per row (e.g. .contiguous())")
+def _check_native_decode(h_b, h_a, k_cache, v_cache) -> None:
+    """What the kernels add to the dispatcher's decode checks: a device and dtype they handle,
+    caches they can write in place."""
+    _check_backend(h_b.device, h_b.dtype, "bridge_decode_step")
+    _check_caches_writable(h_a, k_cache, v_cache)
 
 
 # ------------------------------------------------------------------ attention forward
@@ -335,6 +312,14 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: torch.Tensor | None, w_q: torch.T
                        k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
                        key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """reference.bridge_decode_step in one fused native call (inference only)."""
-    _check_decode(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask)
+    _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask)
+    return bridge_decode_step_checked(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                                      key_padding_mask)
+
+
+def bridge_decode_step_checked(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                               key_padding_mask=None) -> torch.Tensor:
+    """bridge_decode_step for inputs that passed the dispatcher's _check_decode_inputs."""
+    _check_native_decode(h_b, h_a, k_cache, v_cache)
     return native_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
                               key_padding_mask)

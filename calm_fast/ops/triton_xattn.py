@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from . import _check_caches_writable, _check_decode_inputs  # defined before the package loads this module
 from .reference import MASKS
 
 _LOG2E = 1.4426950408889634
@@ -435,7 +436,7 @@ def _gemv_tile(X, sx, W, sw, rows, n_rows, offs_o, n_out, K,
 def _decode_proj(HB, HA, WQ, WKV, BKV, QOUT, KC, VC,
                  B, D_B, D_A, pos, hd, s_hb, s_ha, s_wq, s_wkv,
                  skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
-                 HAS_KV: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_KV: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
     # One launch for both GEMVs: the first tiles compute q = h_b W_q^T, the rest [K|V] of h_a.
     pid = tl.program_id(0)
@@ -462,8 +463,7 @@ def _decode_proj(HB, HA, WQ, WKV, BKV, QOUT, KC, VC,
                 rows = b0 + offs_b0
                 acc = _gemv_tile(HA, s_ha, WKV, s_wkv, rows, B, offs_o, 2 * D_B, D_A,
                                  BLOCK_B, BLOCK_O, BLOCK_K)
-                if HAS_BIAS:
-                    acc += tl.load(BKV + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(BKV + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
                 r64 = rows[:, None].to(tl.int64)
                 ok = (rows[:, None] < B) & o_ok[None, :]
                 k_ptrs = KC + r64 * skc_b + head[None, :] * skc_h + pos * skc_s + col[None, :]
@@ -876,7 +876,7 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
     has_kv = h_a is not None
     if has_kv:
         ha2, w_kv = _rowmajor_last(h_a[:, 0, :]), _rowmajor_last(w_kv)
-        bias = b_kv.contiguous() if b_kv is not None else q_buf
+        bias = b_kv.contiguous()
         d_a = ha2.shape[1]
     else:
         ha2, w_kv, bias, d_a = hb2, w_q, q_buf, 0   # placeholders: never read when HAS_KV=False
@@ -892,7 +892,7 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
             bsz, d_b, d_a, pos, hd, hb2.stride(0), ha2.stride(0), w_q.stride(0), w_kv.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            HAS_KV=has_kv, HAS_BIAS=has_kv and b_kv is not None,
+            HAS_KV=has_kv,
             BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_K=block_k)
 
     # (2) split-K attention: splits so that B*H*splits programs fill the machine.
@@ -939,10 +939,10 @@ def _(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_paddin
     return torch.empty_like(h_b, memory_format=torch.contiguous_format)
 
 
-def _check_shape(name: str, t: Optional[torch.Tensor], shape: tuple) -> None:
-    if t is None or tuple(t.shape) != shape:
-        got = None if t is None else tuple(t.shape)
-        raise ValueError(f"{name} must have shape {shape}, got {got}")
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses `t` may touch."""
+    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
 def bridge_decode_step(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torch.Tensor,
@@ -953,39 +953,28 @@ def bridge_decode_step(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torc
 
     Writes the new K/V row into k_cache/v_cache (aligned mode, h_a given) in place.
     """
-    if h_b.dim() != 3 or h_b.shape[1] != 1:
-        raise ValueError(f"h_b must be (B, 1, D_B), got {tuple(h_b.shape)}")
-    bsz, _, d_b = h_b.shape
-    if n_heads <= 0 or d_b % n_heads:
-        raise ValueError(f"n_heads={n_heads} must divide D_B={d_b}")
-    hd = d_b // n_heads
-    if hd > 256:
-        raise ValueError(f"head dim must be <= 256 for the triton backend, got {hd}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be (B, H, S, d), got {tuple(k_cache.shape)}")
-    s = k_cache.shape[2]
-    _check_shape("k_cache", k_cache, (bsz, n_heads, s, hd))
-    _check_shape("v_cache", v_cache, (bsz, n_heads, s, hd))
-    _check_shape("w_q", w_q, (d_b, d_b))
-    _check_shape("w_o", w_o, (d_b, d_b))
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must be contiguous in the head dim (updated in place)")
-    if h_a is not None:
-        if h_a.dim() != 3 or h_a.shape[:2] != (bsz, 1):
-            raise ValueError(f"h_a must be ({bsz}, 1, D_A), got {tuple(h_a.shape)}")
-        _check_shape("w_kv", w_kv, (2 * d_b, h_a.shape[2]))
-        if b_kv is not None:
-            _check_shape("b_kv", b_kv, (2 * d_b,))
-        if not 0 <= pos < s:
-            raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
-    elif not 0 <= pos <= s:
-        raise ValueError(f"pos={pos} is outside the bridge cache of {s} rows")
+    _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask)
+    return bridge_decode_step_checked(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                                      key_padding_mask)
+
+
+def bridge_decode_step_checked(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
+                               key_padding_mask=None) -> torch.Tensor:
+    """bridge_decode_step for inputs that passed the dispatcher's _check_decode_inputs: only
+    what these kernels add (a dtype they handle, head dim <= 256, caches writable in place)."""
     if h_b.dtype not in _DTYPES:
-        raise TypeError(f"h_b must be one of {_DTYPES}, got {h_b.dtype}")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
-                                         or tuple(key_padding_mask.shape) != (bsz, s)):
-        raise ValueError(f"key_padding_mask must be bool (B, S)={(bsz, s)}, got "
-                         f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        raise TypeError(f"bridge_decode_step: dtype {h_b.dtype} is not handled by the triton backend "
+                        f"(use one of {_DTYPES})")
+    hd = h_b.shape[2] // n_heads
+    if hd > 256:
+        raise ValueError(f"bridge_decode_step: head dim must be <= 256 for the triton backend, got {hd}")
+    _check_caches_writable(h_a, k_cache, v_cache)
+    # The native kernels check this in csrc/validate.cpp; fake tensors (compiling) have no addresses.
+    if h_a is not None and not torch.compiler.is_compiling() and k_cache.numel():
+        (k0, k1), (v0, v1) = _byte_range(k_cache), _byte_range(v_cache)
+        if k0 < v1 and v0 < k1:  # conservative, as validate.cpp: interleaved caches are refused too
+            raise ValueError("bridge_decode_step: k_cache overlaps v_cache in memory (both are written "
+                             "in place); pass two separate caches")
     return torch.ops.calm_fast.triton_bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache,
                                                           v_cache, int(pos), int(n_heads),
                                                           key_padding_mask)
