@@ -9,7 +9,9 @@ FLOPs: forward 4*B*H*Tq*Tk*d (two matmuls), backward 2.5x forward (five matmuls)
 halved. Times are medians of triton.testing.do_bench. The backward is timed alone (a retained
 graph, backward only). Autotuning runs during warm-up, not in the timings.
 Causal points also time "triton_grouped": the same kernels with their programs taken several
-heads at a time, heaviest blocks first (CALM_FAST_TRITON_HEAD_GROUP=auto; see _program_order).
+heads at a time, heaviest blocks first (CALM_FAST_TRITON_HEAD_GROUP=auto; see _program_order),
+and, forward only (the backward does not change), "triton_tma" and "triton_tma_grouped": the
+forward reading K/V through Hopper's TMA (CALM_FAST_TRITON_TMA=1), in each program order.
 Also times one bridge decode step at batch 1 (D_B 4096, 32 heads, 2048 cached rows) and reports
 the bytes it must move (weights + cache) and the bandwidth that implies.
 Writes bench/results/attention_<device>.json and attention_<device>.png.
@@ -62,15 +64,17 @@ def bench_attention(args, tx, ref, do_bench) -> list[dict]:
                 triton_fn = lambda q=q, k=k, v=v, mask=mask: tx.cross_attention(q, k, v, mask)  # noqa: E731
                 providers = {"triton": triton_fn, "sdpa_flash": sdpa}
                 if causal:
-                    providers["triton_grouped"] = triton_fn
+                    providers.update(triton_grouped=triton_fn, triton_tma=triton_fn,
+                                     triton_tma_grouped=triton_fn)
                 # The eager reference materialises fp32 B*H*T*T scores (several copies).
                 if 4 * b * n_heads * t * t * 4 <= args.eager_limit_gb * 2**30:
                     providers["reference"] = lambda q=q, k=k, v=v, mask=mask: ref.cross_attention(
                         q, k, v, mask)
                 for name, fn in providers.items():
-                    # The program order is read at every call, forward and backward.
-                    os.environ["CALM_FAST_TRITON_HEAD_GROUP"] = "auto" if name == "triton_grouped" else "1"
-                    for backward in (False, True):
+                    # The program order and TMA settings are read at every call.
+                    os.environ["CALM_FAST_TRITON_HEAD_GROUP"] = "auto" if name.endswith("_grouped") else "1"
+                    os.environ["CALM_FAST_TRITON_TMA"] = "1" if name.startswith("triton_tma") else "0"
+                    for backward in ((False,) if name.startswith("triton_tma") else (False, True)):
                         try:
                             if backward:
                                 out = fn()
@@ -86,11 +90,12 @@ def bench_attention(args, tx, ref, do_bench) -> list[dict]:
                         row = dict(provider=name, pass_="bwd" if backward else "fwd", mask=mask,
                                    head_dim=d, seq=t, batch=b, heads=n_heads, ms=ms, tflops=tflops)
                         rows.append(row)
-                        print(f"{name:10s} {row['pass_']} {mask:7s} d={d:3d} T={t:5d} B={b:3d} "
+                        print(f"{name:18s} {row['pass_']} {mask:7s} d={d:3d} T={t:5d} B={b:3d} "
                               f"H={n_heads:2d}  {ms:8.3f} ms  {tflops:7.1f} TFLOP/s", flush=True)
                 del q, k, v, do
                 torch.cuda.empty_cache()
     os.environ.pop("CALM_FAST_TRITON_HEAD_GROUP", None)
+    os.environ.pop("CALM_FAST_TRITON_TMA", None)
     return rows
 
 
@@ -129,7 +134,8 @@ def plot(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
-    styles = {"triton": "-o", "triton_grouped": "-.o", "sdpa_flash": "--s", "reference": ":^"}
+    styles = {"triton": "-o", "triton_grouped": "-.o", "triton_tma": "-x", "triton_tma_grouped": "-.x",
+              "sdpa_flash": "--s", "reference": ":^"}
     for i, pass_ in enumerate(("fwd", "bwd")):
         for j, mask in enumerate(("aligned", "context")):
             ax = axes[i][j]
@@ -179,12 +185,12 @@ def main() -> int:
     summary = {f"{p}_{m}_d{d}_T{t}_triton_over_sdpa": ratio(p, m, d, t)
                for p in ("fwd", "bwd") for m in ("aligned", "context") for d in (64, 128)
                for t in sorted({r["seq"] for r in attn})}
-    for r in attn:  # grouped program order against the default, same point
-        if r["provider"] == "triton_grouped":
+    for r in attn:  # grouped program order and TMA against the default, same point
+        if r["provider"] in ("triton_grouped", "triton_tma", "triton_tma_grouped"):
             base = [b for b in attn if b["provider"] == "triton" and all(
                 b[k] == r[k] for k in ("pass_", "mask", "head_dim", "seq"))]
             if base:
-                print(f"grouped order {r['pass_']} {r['mask']} d={r['head_dim']} T={r['seq']}: "
+                print(f"{r['provider']} {r['pass_']} {r['mask']} d={r['head_dim']} T={r['seq']}: "
                       f"{r['tflops']:.1f} vs {base[0]['tflops']:.1f} TFLOP/s "
                       f"(x{r['tflops'] / base[0]['tflops']:.3f})")
     tag = _device_tag()

@@ -13,6 +13,7 @@ layout at the given T, H, d. This machine's triton may differ from the GPU machi
     PYTHONPATH=. .venv/bin/python bench/triton_sm90_compile.py                # the untuned defaults
     PYTHONPATH=. .venv/bin/python bench/triton_sm90_compile.py --all-configs  # every autotune candidate
     PYTHONPATH=. .venv/bin/python bench/triton_sm90_compile.py --kernel _attn_fwd --group 8
+    PYTHONPATH=. .venv/bin/python bench/triton_sm90_compile.py --kernel _attn_fwd --tma   # K/V by TMA
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from calm_fast.ops import triton_xattn as tx  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
 OPS = ("wgmma.mma_async", "mma.sync", "cp.async.cg", "cp.async.bulk", "ld.global", "ex2.approx")
+# cp.async.bulk counts cp.async.bulk.tensor too: the TMA copies of CALM_FAST_TRITON_TMA=1.
 _POINTERS = {"Q", "K", "V", "KPM", "O", "LSE", "DO", "DELTA", "DQ", "DK", "DV"}
 _FP32_PTRS = {"LSE", "DELTA"}
 _UINT8_PTRS = {"KPM"}
@@ -56,12 +58,15 @@ def _int_args(seq: int, heads: int, head_dim: int, group: int) -> dict[str, int]
 
 def compile_sm90(name: str, causal: bool, has_kpm: bool, block_m: int, block_n: int,
                  num_warps: int, num_stages: int, seq: int = 8192, heads: int = 16,
-                 head_dim: int = 128, group: int = 1, elt: str = "bf16"):
-    """The kernel `name` of ops/triton_xattn.py compiled for sm_90 (a triton CompiledKernel)."""
+                 head_dim: int = 128, group: int = 1, elt: str = "bf16", tma: bool = False):
+    """The kernel `name` of ops/triton_xattn.py compiled for sm_90 (a triton CompiledKernel);
+    tma: the forward's K/V loads through tensor descriptors (USE_TMA)."""
     fn = getattr(tx, name)
     consts = dict(CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=tx._head_dim_tile(head_dim),
                   PAD_D=tx._head_dim_tile(head_dim) != head_dim,
                   PREC="ieee" if elt == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n)
+    if "USE_TMA" in fn.arg_names:
+        consts["USE_TMA"] = tma
     ints = _int_args(seq, heads, head_dim, group)
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
@@ -102,7 +107,7 @@ def inspect_ptx(ptx: str) -> dict:
 def report(name, causal, has_kpm, cfg, **kw) -> dict:
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     k = compile_sm90(name, causal, has_kpm, bm, bn, cfg.num_warps, cfg.num_stages, **kw)
-    return {"kernel": name, "causal": causal, "kpm": has_kpm, "tile": f"{bm}x{bn}",
+    return {"kernel": name, "causal": causal, "kpm": has_kpm, "tma": kw.get("tma", False), "tile": f"{bm}x{bn}",
             "warps": cfg.num_warps, "stages": cfg.num_stages, "smem": k.metadata.shared,
             **inspect_ptx(k.asm["ptx"])}
 
@@ -116,6 +121,7 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--group", type=int, default=1, help="CALM_FAST_TRITON_HEAD_GROUP the launch would use")
+    ap.add_argument("--tma", action="store_true", help="the forward with CALM_FAST_TRITON_TMA=1 (other kernels unchanged)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     if not ptxas_path().is_file():
@@ -124,7 +130,7 @@ def main() -> int:
     elt = 4 if args.dtype == "fp32" else 2
     tile = tx._head_dim_tile(args.head_dim)
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, T={args.seq} H={args.heads} "
-          f"d={args.head_dim} GROUP={args.group}")
+          f"d={args.head_dim} GROUP={args.group}" + (" TMA" if args.tma else ""))
     print(f"{'kernel':16s} {'mask':8s} {'kpm':4s} {'tile':8s} {'w':>2s} {'st':>2s} {'smem':>7s} {'regs':>4s} "
           f"{'spill':>5s} " + " ".join(f"{op:>15s}" for op in OPS))
     rows = []
@@ -134,7 +140,7 @@ def main() -> int:
             for has_kpm in (False, True):
                 for cfg in cfgs:
                     r = report(name, causal, has_kpm, cfg, seq=args.seq, heads=args.heads,
-                               head_dim=args.head_dim, group=args.group, elt=args.dtype)
+                               head_dim=args.head_dim, group=args.group, elt=args.dtype, tma=args.tma)
                     rows.append(r)
                     print(f"{name:16s} {'causal' if causal else 'context':8s} {str(has_kpm)[0]:4s} "
                           f"{r['tile']:8s} {r['warps']:2d} {r['stages']:2d} {r['smem']:7d} "

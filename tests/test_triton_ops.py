@@ -194,6 +194,38 @@ def test_head_group_setting_is_checked(monkeypatch, value):
         tx.cross_attention(q, q, q, "aligned")
 
 
+# CALM_FAST_TRITON_TMA=1: the forward reads K/V through tensor descriptors (TMA on Hopper; the
+# interpreter emulates them). Every case above is TMA-eligible in fp32 (head dims multiples of 4).
+@interp_only
+@pytest.mark.parametrize("b,h,tq,tk,d,mask,kpm", ATTN_CASES)
+def test_attention_interpreter_tma(monkeypatch, b, h, tq, tk, d, mask, kpm):
+    monkeypatch.setenv("CALM_FAST_TRITON_TMA", "1")
+    k = torch.randn(b, h, tk, d)
+    assert tx._tma_ok(k, k)  # the descriptor path is the one under test
+    check_attention(b, h, tq, tk, d, mask, kpm, torch.float32, "cpu", tol=1e-5)
+
+
+@interp_only
+def test_tma_nonfinite_rows_and_padded_keys_interpreter(monkeypatch):
+    monkeypatch.setenv("CALM_FAST_TRITON_TMA", "1")
+    check_nonfinite_rows("cpu")
+    check_padded_keys_are_ignored(tx.cross_attention, "cpu")
+
+
+def test_tma_only_where_its_layout_rules_hold(monkeypatch):
+    k = torch.randn(2, 3, 40, 16)
+    monkeypatch.delenv("CALM_FAST_TRITON_TMA", raising=False)
+    assert not tx._tma_ok(k, k)                      # off by default
+    monkeypatch.setenv("CALM_FAST_TRITON_TMA", "1")
+    if not INTERP:
+        pytest.skip("eligibility on CPU tensors is decided by the interpreter")
+    assert tx._tma_ok(k, k)
+    assert tx._tma_ok(k[:, :, 7:], k)                # row offset 7 * 64 bytes: still aligned
+    assert not tx._tma_ok(torch.randn(2 * 3 * 40 * 16 + 1)[1:].view(2, 3, 40, 16), k)  # 4-byte offset
+    assert not tx._tma_ok(torch.randn(2, 3, 40, 3), k)  # 12-byte rows
+    assert not tx._tma_ok(k, torch.randn(2, 3, 40, 17)[..., :16])  # rows 68 bytes apart
+
+
 @interp_only
 def test_attention_interpreter_strided_views():
     # q/k/v as split_heads() views of (B, T, H*d): no copies needed, same answer.
@@ -477,6 +509,20 @@ def test_attention_gpu_head_groups(no_autotune, monkeypatch, group):
     monkeypatch.setenv("CALM_FAST_TRITON_HEAD_GROUP", group)
     check_attention(2, 5, 700, 700, 128, "aligned", "rand", torch.bfloat16, "cuda", 1e-2)
     check_attention(3, 2, 333, 1000, 64, "context", None, torch.bfloat16, "cuda", 1e-2)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_attention_gpu_tma(no_autotune, monkeypatch, dtype, tol):
+    monkeypatch.setenv("CALM_FAST_TRITON_TMA", "1")
+    assert tx._tma_ok(*(torch.empty(1, 1, 8, 128, device="cuda", dtype=dtype),) * 2) == (
+        torch.cuda.get_device_capability()[0] >= 9)
+    check_attention(2, 5, 700, 700, 128, "aligned", "rand", dtype, "cuda", tol)
+    check_attention(3, 2, 333, 1000, 64, "context", None, dtype, "cuda", tol)
+    check_attention(1, 2, 70, 130, 96, "aligned", "left", dtype, "cuda", tol)  # padded head dim
+    if dtype == torch.bfloat16:
+        check_nonfinite_rows("cuda")
+        check_padded_keys_are_ignored(tx.cross_attention, "cuda", torch.bfloat16)
 
 
 @gpu_only

@@ -52,3 +52,15 @@ def test_fp32_odd_head_dim_forward_compiles_for_hopper(tmp_path):
     rows = compile_rows(tmp_path, "--dtype", "fp32", "--head-dim", "33", "--kernel", "_attn_fwd")
     assert len(rows) == 4 and all(r["registers"] > 0 for r in rows)
     assert all(r["smem"] <= SMEM_LIMIT for r in rows)
+
+
+def test_tma_forward_compiles_to_tensor_copies_for_hopper(tmp_path):
+    # CALM_FAST_TRITON_TMA=1: K/V tiles by TMA (cp.async.bulk.tensor), none by per-thread
+    # cp.async, still on wgmma, inside the shared memory, without spills (default tile).
+    rows = compile_rows(tmp_path, "--kernel", "_attn_fwd", "--tma")
+    assert len(rows) == 4
+    for r in rows:
+        what = f"TMA forward causal={r['causal']} kpm={r['kpm']} {r['tile']} w{r['warps']}"
+        assert r["tma"] and r["cp.async.bulk"] > 0 and r["cp.async.cg"] == 0, what
+        assert r["wgmma.mma_async"] > 0, f"{what}: no Hopper tensor-core MMA"
+        assert r["smem"] <= SMEM_LIMIT and r["spill_bytes"] == 0, what

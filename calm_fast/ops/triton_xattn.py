@@ -18,6 +18,8 @@ Settings (environment, read at each call)
   CALM_FAST_TRITON_HEAD_GROUP=1 | auto | N: the order in which attention programs run, heads
   taken N at a time, heaviest causal blocks first (_program_order); 1, the default, is each
   head's blocks in turn.
+  CALM_FAST_TRITON_TMA=1: the forward reads K/V tiles with Hopper's TMA (_tma_ok); off by
+  default until timed.
 
 Interpreter
   TRITON_INTERPRET is read by triton.jit when a kernel is *decorated*, for triton's own library
@@ -128,18 +130,24 @@ def _program_order(pid, n_blk, GROUP):
 # forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, offs_n0, offs_d, lo, hi,
+def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs_n0, offs_d, lo, hi,
                     skn, svn, Tk, D, causal_off, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                    PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                    PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_TMA: tl.constexpr):
+    # k_src / v_src: the head's K and V as row pointers, or (USE_TMA) as tensor descriptors
+    # (Hopper's TMA copies a tile; rows past Tk and columns past D arrive as zeros).
     # Scores are scaled in fp32 (qk_scale = sm_scale*log2(e): exp2 domain). The row max on raw
     # scores (exp2 argument one FMA) was tried and dropped: on an H100 it gave 432 / 460 TFLOP/s
     # (causal / context, T = 8192) where this form gave 439 / 490 (bench/RESULTS.md).
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _load_rows(k_base + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
-                       MASKED, PAD_D)
+        if USE_TMA:
+            k = k_src.load([start_n, 0])
+        else:
+            k = _load_rows(k_src + offs_n[:, None] * skn + offs_d[None, :], offs_n, Tk, offs_d, D,
+                           MASKED, PAD_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
             allowed = offs_n[None, :] < Tk
@@ -158,11 +166,16 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m, of
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
-        if HAS_KPM:
-            v = _load_kept_rows(v_ptrs, offs_n, Tk, keep, offs_d, D, PAD_D)
+        if USE_TMA:
+            v = v_src.load([start_n, 0])
+            if HAS_KPM:  # padded rows as 0, as _load_kept_rows gives them
+                v = tl.where(keep[:, None], v, 0.0)
+        elif HAS_KPM:
+            v = _load_kept_rows(v_src + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, keep,
+                                offs_d, D, PAD_D)
         else:
-            v = _load_rows(v_ptrs, offs_n, Tk, offs_d, D, MASKED, PAD_D)
+            v = _load_rows(v_src + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
+                           MASKED, PAD_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
@@ -174,7 +187,7 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, skpm,
               H, Tq, Tk, D, qk_scale, GROUP, TQ_KEY, TK_KEY,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
-              PAD_D: tl.constexpr, PREC: tl.constexpr,
+              PAD_D: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid_m, pid_bh = _program_order(tl.program_id(0), n_m, GROUP)
@@ -189,8 +202,13 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
 
     q = _load_rows(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], offs_m, Tq,
                    offs_d, D, True, PAD_D)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_src = K + b * skb + h * skh
+    v_src = V + b * svb + h * svh
+    if USE_TMA:  # the host checked the alignment TMA needs (_tma_ok)
+        k_src = tl.make_tensor_descriptor(k_src, shape=[Tk, D], strides=[skn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[Tk, D], strides=[svn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
     kpm_base = KPM + b * skpm
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -207,12 +225,12 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
     else:
         seen = (offs_m >= 0) & (Tk > 0)
     full_end, hi = _key_blocks(m0, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m,
+    acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m,
                                           offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off,
-                                          qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
-    acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_base, v_base, kpm_base, offs_m,
+                                          qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA)
+    acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m,
                                           offs_n0, offs_d, full_end, hi, skn, svn, Tk, D, causal_off,
-                                          qk_scale, True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+                                          qk_scale, True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA)
 
     # l == 0: no key left by the mask (output 0, lse +inf: the backward's p is 0), or every
     # allowed score -inf from an infinite q or k (NaN, as softmax gives; lse NaN).
@@ -627,7 +645,8 @@ def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
     return next((c for c in cands if c.num_warps == 8), cands[0])
 
 
-_TUNED = {name: triton.autotune(pool, key=_KEYS, prune_configs_by={"early_config_prune": _pruner(name)})(
+_TUNED = {name: triton.autotune(pool, key=_KEYS + (["USE_TMA"] if name == "_attn_fwd" else []),
+                                prune_configs_by={"early_config_prune": _pruner(name)})(
     globals()[name]) for name, pool in _CONFIGS.items()}
 
 
@@ -682,6 +701,38 @@ def _head_group(causal: bool, n_blk: int, n_bh: int, device: torch.device) -> in
     # Never more than the heads there are: the kernel's GROUP * blocks then stays within the grid
     # size (int32), whatever the setting.
     return min(group, max(n_bh, 1))
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """CALM_FAST_TRITON_TMA=1 and K/V laid out as TMA needs: the forward then reads its K/V tiles
+    through tensor descriptors (Hopper's tensor memory accelerator) instead of per-thread
+    cp.async, which frees the registers and issue slots of the address arithmetic. Opt-in until
+    timed on an H100 (bench_attention.py's "triton_tma" rows). TMA wants 16-byte aligned row
+    starts and strides, and a Hopper GPU (or the interpreter)."""
+    if os.environ.get("CALM_FAST_TRITON_TMA", "0").strip() != "1":
+        return False
+    if not _interpreter_active() and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    for t in (k, v):
+        elt = t.element_size()
+        if t.data_ptr() % 16 or any(st * elt % 16 for st in t.stride()[:3]) or t.shape[3] * elt % 16:
+            return False
+    _set_tma_allocator()
+    return True
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a kernel builds on the device (triton's allocator hook)."""
+    device = "cpu" if _interpreter_active() else torch.device("cuda", torch.cuda.current_device())
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _set_tma_allocator() -> None:
+    # triton keeps the allocator in a context variable (per thread); an allocator the caller
+    # installed is left alone.
+    from triton.runtime import _allocation
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_tma_scratch)
 
 
 def _bucket(n: int) -> int:
@@ -741,7 +792,7 @@ def _attn_forward(q, k, v, causal: bool, kpm):
                   skpm, h, tq, tk, d, sm_scale * _LOG2E,
                   _head_group(causal, triton.cdiv(tq, 128), b * h, q.device), _bucket(tq), _bucket(tk),
                   CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
-                  PREC=_precision(q.dtype))
+                  PREC=_precision(q.dtype), USE_TMA=_tma_ok(k, v))
     return out, lse
 
 
