@@ -626,8 +626,13 @@ def _candidates(name: str, head_dim: int, elt: int) -> list:
 
 def _pruner(name: str):
     def prune(configs, named_args, **kwargs):
-        return _candidates(name, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")),
-                           named_args["Q"].element_size())
+        cands = _candidates(name, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")),
+                            named_args["Q"].element_size())
+        if kwargs.get("USE_TMA"):
+            # The TMA forward is tuned over the 8-warp 128-row tiles only (what the H100 picked
+            # without TMA; the 4-warp one spills for sm_90): four compiles per shape, not seven.
+            return [c for c in cands if c.kwargs["BLOCK_M"] == 128 and c.num_warps == 8] or cands
+        return cands
     return prune
 
 
