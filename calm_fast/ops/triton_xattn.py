@@ -713,10 +713,14 @@ def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
     through tensor descriptors (Hopper's tensor memory accelerator) instead of per-thread
     cp.async, which frees the registers and issue slots of the address arithmetic. Opt-in until
     timed on an H100 (bench_attention.py's "triton_tma" rows). TMA wants 16-byte aligned row
-    starts and strides, and a Hopper GPU (or the interpreter)."""
+    starts and strides, and a Hopper GPU (or the interpreter). 16-bit inputs only on the GPU:
+    fp32 tiles through TMA spill ~600 B for sm_90 where the pointer path spills none
+    (bench/triton_sm90_compile.py --dtype fp32 --head-dim 64 [--tma]); the interpreter takes
+    fp32, so that the CPU tests run this path (it computes bf16 wrongly)."""
     if os.environ.get("CALM_FAST_TRITON_TMA", "0").strip() != "1":
         return False
-    if not _interpreter_active() and torch.cuda.get_device_capability(k.device)[0] < 9:
+    if not _interpreter_active() and (k.element_size() != 2
+                                      or torch.cuda.get_device_capability(k.device)[0] < 9):
         return False
     for t in (k, v):
         elt = t.element_size()
