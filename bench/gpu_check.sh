@@ -162,6 +162,17 @@ for r in d["rows"]:
               f"x{r['speedup_vs_ref']:.2f} vs eager, x{r['speedup_vs_sdpa']:.2f} vs SDPA")
 PYEOF
   done
+  for j in "$OUT_DIR"/attention_*.json; do
+    [[ -f $j ]] && "$PY" - "$j" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+rows = d["attention"]
+for key in sorted({(r["pass_"], r["mask"], r["head_dim"], r["seq"]) for r in rows}):
+    cells = {r["provider"]: r["tflops"] for r in rows if (r["pass_"], r["mask"], r["head_dim"], r["seq"]) == key}
+    print(f"bench_attn {key[0]} {key[1]:7s} d={key[2]} T={key[3]:5d}: "
+          + ", ".join(f"{p} {v:.0f}" for p, v in sorted(cells.items())) + " TFLOP/s")
+PYEOF
+  done
   [[ -f $OUT_DIR/onnx_cuda.json ]] && "$PY" - "$OUT_DIR/onnx_cuda.json" <<'PYEOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
