@@ -985,16 +985,19 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
     return out
 
 
-@torch.library.custom_op("calm_fast::triton_bridge_decode_step", mutates_args=("k_cache", "v_cache"))
-def _decode_op(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torch.Tensor,
-               w_kv: Optional[torch.Tensor], b_kv: Optional[torch.Tensor], w_o: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
-               key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads,
-                        key_padding_mask)
+# Defined through torch.library.Library, as native.py's decode step is: custom_op's Python
+# layer for an op that mutates its inputs costs ~20-30 us per call (measured on the CPU: 30-37
+# vs 8-9 us for an empty op), paid once per bridge and token. The schema's alias annotations
+# tell the dispatcher and torch.compile which inputs are written.
+_decode_lib = torch.library.Library("calm_fast", "FRAGMENT")
+_decode_lib.define("triton_bridge_decode_step(Tensor h_b, Tensor? h_a, Tensor w_q, Tensor? w_kv, "
+                   "Tensor? b_kv, Tensor w_o, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt pos, "
+                   "int n_heads, Tensor? key_padding_mask) -> Tensor")
+_decode_lib.impl("triton_bridge_decode_step", _decode_step, "CUDA")
+_decode_lib.impl("triton_bridge_decode_step", _decode_step, "CPU")  # the interpreter
 
 
-@_decode_op.register_fake
+@torch.library.register_fake("calm_fast::triton_bridge_decode_step")
 def _(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, n_heads, key_padding_mask):
     return torch.empty_like(h_b, memory_format=torch.contiguous_format)
 
