@@ -11,6 +11,7 @@ Variants (all timed round-robin in one process; medians):
            <backend>  ops.bridge_forward(..., backend=<backend>) for each available backend
            X+fold     X with the inference form: P folded into W_k/W_v (one D_A x 2 D_B GEMM,
                       reference.fold_projection, done once at load so not timed)
+           X+graph    (CUDA; sdpa+fold, triton+fold) X replayed from a CUDA graph
   decode   ref        reference.bridge_decode_step (folded W_kv)
            sdpa       linears + cache write + SDPA over the cache
            <backend>  ops.bridge_decode_step(..., backend=<backend>)
@@ -92,6 +93,12 @@ def bench_prefill(args, device, dtype, backends, es):
                     variants[be + "+fold"] = lambda be=be: folded(
                         lambda q, k, v: ops.cross_attention(q, k, v, "aligned", None, be))
                 with torch.inference_mode():
+                    if device.type == "cuda":  # the folded paths' device time, without Python:
+                        # whether a variant is host-bound at this size (triton + fold was, at 1 x 1024)
+                        for name in ("sdpa+fold", "triton+fold"):
+                            replay = cuda_graph_replay(variants[name]) if name in variants else None
+                            if replay is not None:
+                                variants[f"{name}+graph"] = replay
                     res = common.compare(variants, device, repeats=args.repeats)
                 # Useful work of the training form (P, W_k, W_v, W_q, W_o + causal attention);
                 # the folded variants do less, so their TFLOP/s reads as "effective".
