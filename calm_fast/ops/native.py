@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from . import _check_caches_writable, _check_decode_inputs  # the package's own: defined before the package loads this module
+# The package's own checks: ops/__init__.py defines them before it loads this module.
+from . import _check_caches_writable, _check_decode_inputs
 from .reference import attention_mask, zero_padded_keys
 
 try:

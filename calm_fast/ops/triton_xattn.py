@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from . import _check_caches_writable, _check_decode_inputs  # defined before the package loads this module
+# The package's own checks: ops/__init__.py defines them before it loads this module.
+from . import _check_caches_writable, _check_decode_inputs
 from .reference import MASKS
 
 _LOG2E = 1.4426950408889634
