@@ -231,7 +231,8 @@ class CALM(nn.Module):
             aug_mask, mask = (attention_mask, "aligned") if self.mode == "aligned" else (context_mask, "context")
         else:
             aug_tokens, aug_mask, mask = self._augment_input(tokens, attention_mask, context, context_mask)
-            self._check_dtypes()
+            if not torch.is_autocast_enabled(self.anchor.tok_emb.weight.device.type):
+                self._check_dtypes()  # under autocast the matmuls cast, so any mix runs
             states = self.augment_states(aug_tokens, aug_mask)
 
         def inject(anchor_layer, entries):
@@ -248,14 +249,12 @@ class CALM(nn.Module):
 
     def _check_dtypes(self) -> None:
         """Anchor and augments of one dtype (one of them converted after construction fails
-        deep inside a matmul otherwise); under autocast the matmuls cast, so any mix runs."""
+        deep inside a matmul otherwise)."""
         w = self.anchor.tok_emb.weight
-        if torch.is_autocast_enabled(w.device.type):
-            return
         for i, aug in enumerate(self.augments):
             if aug.tok_emb.weight.dtype != w.dtype:
                 raise ValueError(f"augment model {i} is {aug.tok_emb.weight.dtype} but the anchor is {w.dtype}: "
-                                 f"convert the whole CALM with .to() (or run under torch.autocast)")
+                                 f"convert the whole CALM with .to() (a forward also runs under torch.autocast)")
 
     def _check_states(self, states, tokens, context_mask):
         """Given augment states: one {augment layer: (B, T_a, D_A)} per augment model, T_a = T
@@ -321,10 +320,7 @@ class CALMSession:
             raise ValueError(f"session dtype must be the CALM's dtype {own}, got {dtype!r} (to decode in "
                              f"another floating dtype, convert the CALM with .to())")
         dtype = own
-        for i, aug in enumerate(calm.augments):
-            if aug.tok_emb.weight.dtype != own:
-                raise ValueError(f"augment model {i} is {aug.tok_emb.weight.dtype} but the anchor is {own}: "
-                                 f"convert the whole CALM with .to()")
+        calm._check_dtypes()
         self.anchor_cache = calm.anchor.setup_cache(batch, max_len, dtype)
         self.table = calm._by_anchor_layer()
         self.context_mask = None

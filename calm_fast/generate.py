@@ -3,27 +3,22 @@ EOS, batches of prompts of different lengths (left padding), streaming."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Iterator
 
 import torch
 
 from .composed import CALM
 from .decoder import Decoder
-from .validation import check_attention_mask, check_tokens
-
-
-def _is_id(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+from .validation import check_attention_mask, check_tokens, is_int
 
 
 def _prompt_lists(prompt) -> list[list[int]]:
     """A list of ids (one prompt) or a list of such lists -> a list of lists."""
-    if prompt and all(_is_id(x) for x in prompt):
+    if prompt and all(is_int(x) for x in prompt):
         return [list(prompt)]
     if all(isinstance(p, (list, tuple)) for p in prompt):
         return [list(p) for p in prompt]
-    bad = next((p for p in prompt if not _is_id(p) and not isinstance(p, (list, tuple))), None)
+    bad = next((p for p in prompt if not is_int(p) and not isinstance(p, (list, tuple))), None)
     if bad is not None:
         raise TypeError(f"token ids must be ints, got {bad!r} in the prompt")
     raise TypeError("prompt mixes token ids and lists: give a list of ids (one prompt) or a list of lists")
@@ -33,10 +28,10 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[to
     """A list of token-id lists -> (tokens (B, T), attention_mask (B, T) bool), left padded."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must hold at least one token")
-    if not _is_id(pad_id):
+    if not is_int(pad_id):
         raise TypeError(f"pad_id must be an int token id, got {pad_id!r}")
     for i, p in enumerate(prompts):
-        bad = [x for x in p if not _is_id(x)]
+        bad = [x for x in p if not is_int(x)]
         if bad:
             raise TypeError(f"token ids must be ints, got {bad[0]!r} in prompt {i}")
     t = max(len(p) for p in prompts)
@@ -81,7 +76,7 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, vocab_siz
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if eos_id is not None and not _is_id(eos_id):
+    if eos_id is not None and not is_int(eos_id):
         raise ValueError(f"eos_id must be an int token id or None, got {eos_id!r}")
     if eos_id is not None and not 0 <= eos_id < vocab_size:
         raise ValueError(f"eos_id {eos_id} is out of range for vocab_size={vocab_size}")

@@ -407,12 +407,7 @@ def _export_graph(module, inputs, outputs, path: Path, sizes, vocab, dtype, opse
                 program.save(str(tmp))
         model = onnx.load(str(tmp))  # pulls in any external data the exporter wrote beside it
     _name_axes(model, inputs, outputs)
-    kept = [(e.key, e.value) for e in model.metadata_props if e.key != EXPORT_ID_KEY]
-    del model.metadata_props[:]
-    for key, value in kept:
-        extra = model.metadata_props.add()
-        extra.key, extra.value = key, value
-    entry = model.metadata_props.add()
+    entry = model.metadata_props.add()  # a freshly traced graph: no id of ours yet
     entry.key, entry.value = EXPORT_ID_KEY, export_id
     files = _save(model, path)
     check_model(path)

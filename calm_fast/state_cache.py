@@ -22,7 +22,6 @@ can attend. fp32 storage reproduces the loss to rounding; bf16/fp16 storage to ~
 from __future__ import annotations
 
 import hashlib
-import numbers
 import os
 import shutil
 import zlib
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .validation import check_tokens
+from .validation import check_tokens, is_int
 
 VERSION = 1
 INDEX = "index.json"
@@ -152,10 +151,6 @@ def build_state_cache(calm, sequences, path, *, dtype: str = "bfloat16", batch_s
     return path
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _int_list(values, what: str) -> list[int]:
     """values (a list, range, 1-D integer tensor or array...) as a list of ints; a float, bool or
     anything else is a TypeError naming it (never truncated)."""
@@ -169,7 +164,7 @@ def _int_list(values, what: str) -> list[int]:
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{what} must be a list of ints, got {type(values).__name__}")
     values = list(values)
-    bad = next((x for x in values if not _is_int(x)), None)
+    bad = next((x for x in values if not is_int(x)), None)
     if bad is not None:
         raise TypeError(f"{what} holds {bad!r}: expected ints")
     return [int(x) for x in values]
@@ -267,7 +262,7 @@ class StateCache:
         indices = _int_list(indices, "indices")
         if not indices:
             raise ValueError("indices is empty: give at least one example index")
-        if pad_to is not None and not _is_int(pad_to):
+        if pad_to is not None and not is_int(pad_to):
             raise TypeError(f"pad_to must be an int or None, got {pad_to!r}")
         n = len(self.table)
         bad = [i for i in indices if not 0 <= i < n]

@@ -1,7 +1,14 @@
 """Input checks shared by the decoder, CALM and generation: one clear error per bad value."""
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+
+def is_int(x) -> bool:
+    """An integer (Python or numpy), not a bool: what a token id, index or count may be."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def check_tokens(tokens, vocab_size: int, name: str = "tokens") -> None:

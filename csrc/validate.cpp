@@ -309,6 +309,7 @@ cf_status make_decode_params(Backend be, const cf_tensor* h_b, const cf_tensor* 
     if (pos < 0 || pos > S)
       return set_error(CF_ERR_VALUE, "pos=" + std::to_string(pos) + " is outside [0, " +
                                          std::to_string(S) + "] (context mode attends rows [0, pos))");
+    p->append = false;
     p->n = pos;
   }
   if (kpm != nullptr) {
@@ -320,7 +321,7 @@ cf_status make_decode_params(Backend be, const cf_tensor* h_b, const cf_tensor* 
   }
   // Written: out, and the caches when a row is appended (read-only in context mode). `out`
   // may be h_b itself (same address and row stride: each element is read before written).
-  const bool append = h_a != nullptr;
+  const bool append = p->append;
   const bool out_is_h_b = out->data == h_b->data && (B <= 1 || out->stride[0] == h_b->stride[0]);
   const Span s_out = span_of("out", out), s_hb = out_is_h_b ? Span{"h_b"} : span_of("h_b", h_b);
   const Span s_kc = span_of("k_cache", k_cache), s_vc = span_of("v_cache", v_cache);
