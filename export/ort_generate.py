@@ -45,8 +45,8 @@ def _load_manifest(export_dir: Path) -> dict:
         raise ExportDirError(f"{export_dir}: not a directory (expected a calm_fast ONNX export)")
     path = export_dir / MANIFEST
     if not path.is_file():
-        hint = (f"; model.onnx is there without it: an export that was interrupted or is still "
-                f"being written, export again" if (export_dir / "model.onnx").exists() else "")
+        hint = ("; model.onnx is there without it: an export that was interrupted or is still "
+                "being written, export again" if (export_dir / "model.onnx").exists() else "")
         raise ExportDirError(f"{export_dir}: not a calm_fast ONNX export (missing {MANIFEST}){hint}")
     try:
         manifest = json.loads(path.read_text())

@@ -175,6 +175,9 @@ BAD_DECODE = [
     (dict(n_heads=0), ValueError, "n_heads must be a positive int"),
     (dict(n_heads=True), ValueError, "n_heads must be a positive int"),
     (dict(n_heads=3), ValueError, "not a multiple of n_heads=3"),
+    (dict(h_b=torch.zeros(2, 1, 0), w_q=torch.zeros(0, 0), w_kv=torch.zeros(0, 16), b_kv=torch.zeros(0),
+          w_o=torch.zeros(0, 0), k_cache=torch.zeros(2, 2, 8, 0), v_cache=torch.zeros(2, 2, 8, 0)),
+     ValueError, "D_B=0 must be positive"),  # passed 0 % n_heads; ZeroDivisionError on triton, reference
     (dict(h_a=torch.randn(2, 1, 16, dtype=torch.float64)), TypeError, "h_a has dtype torch.float64"),
     (dict(w_kv=torch.randn(64, 15)), ValueError, "w_kv must have shape"),
     (dict(w_q=torch.randn(32, 16)), ValueError, "w_q must have shape"),

@@ -411,6 +411,8 @@ def test_opcheck_interpreter():
     (lambda q, k, v: tx.cross_attention(q, k[:, :, :3], v[:, :, :3], "aligned"), "Tq <= Tk"),
     (lambda q, k, v: tx.cross_attention(q, k, v, "context", torch.ones(1, 4)), "key_padding_mask"),
     (lambda q, k, v: tx.cross_attention(q, k, v[..., :8], "context"), "disagree"),
+    (lambda q, k, v: tx.cross_attention(q[..., :0], k[..., :0], v[..., :0], "context"),
+     r"head dim must be in \[1, 256\]"),  # was a ZeroDivisionError
 ])
 def test_attention_bad_input(call, match):
     q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
@@ -604,8 +606,56 @@ def test_decode_step_refuses_caches_it_cannot_write():
     kc, vc = torch.randn(b, h, s, hd, generator=gen), torch.randn(b, h, s, hd, generator=gen)
     with pytest.raises(ValueError, match="k_cache is written in place but elements share memory"):
         tx.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc[:1].expand_as(kc), vc, pos, h)
-    with pytest.raises(ValueError, match="k_cache overlaps v_cache"):
+    with pytest.raises(ValueError, match="k_cache: overlaps v_cache"):
         tx.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kc, kc, pos, h)
-    with pytest.raises(ValueError, match="k_cache overlaps v_cache"):
+    with pytest.raises(ValueError, match="k_cache: overlaps v_cache"):
         kv = torch.randn(b, h, s, 2, hd, generator=gen)  # interleaved: refused, conservatively
         tx.bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, kv[..., 0, :], kv[..., 1, :], pos, h)
+    # A cache over an input the kernels read while they write it: refused as csrc/validate.cpp
+    # refuses it (the interpreter computed a wrong output and cache here before the check).
+    kc_keep, vc_keep = kc.clone(), vc.clone()
+    ha_in_cache = kc[:, 0, pos, :d_a].unsqueeze(1)   # h_a (B, 1, D_A) a view of k_cache's row
+    with pytest.raises(ValueError, match="k_cache: overlaps the input h_a"):
+        tx.bridge_decode_step(h_b, ha_in_cache, w_q, w_kv, b_kv, w_o, kc, vc, pos, h)
+    buf = torch.randn(kc.numel() + w_q.numel(), generator=gen)
+    with pytest.raises(ValueError, match="v_cache: overlaps the input w_q"):
+        tx.bridge_decode_step(h_b, h_a, buf[:w_q.numel()].view(w_q.shape), w_kv, b_kv, w_o, kc,
+                              buf[w_q.numel() // 2:][:vc.numel()].view(vc.shape), pos, h)
+    with pytest.raises(ValueError, match="k_cache: overlaps the input h_b"):
+        tx.bridge_decode_step(kc.view(-1)[:b * d_b].view(b, 1, d_b), h_a, w_q, w_kv, b_kv, w_o,
+                              kc, vc, pos, h)
+    assert torch.equal(kc, kc_keep) and torch.equal(vc, vc_keep)  # refused before any write
+
+
+def test_decode_step_batch_zero():
+    """An empty batch returns an empty (0, 1, D_B) result, as the other backends do (the kernels'
+    batch tile would be 0 wide)."""
+    d_b, h, s = 8, 2, 5
+    args = (torch.randn(0, 1, d_b), torch.randn(0, 1, 3), torch.randn(d_b, d_b), torch.randn(2 * d_b, 3),
+            torch.randn(2 * d_b), torch.randn(d_b, d_b), torch.randn(0, h, s, d_b // h),
+            torch.randn(0, h, s, d_b // h))
+    for h_a, w_kv, b_kv in ((args[1], args[3], args[4]), (None, None, None)):  # aligned, context
+        want = ref.bridge_decode_step(args[0], h_a, args[2], w_kv, b_kv, *args[5:], 2, h)
+        got = tx.bridge_decode_step(args[0], h_a, args[2], w_kv, b_kv, *args[5:], 2, h)
+        assert got.shape == want.shape == (0, 1, d_b)
+
+
+@interp_only
+def test_scores_below_minus_1e30_still_normalise():
+    """Rows whose finite scores are all below -1e30 (huge q, k): the running max used to start at
+    -1e30, so every p underflowed to 0 and the row came out NaN; it starts at -FLT_MAX now."""
+    q = torch.full((1, 1, 2, 1), 1e18)
+    k = torch.tensor([-1e18, -2e18, -3e18]).view(1, 1, 3, 1)  # scores -1e36 ... -3e36
+    v = torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3, 1)
+    for mask in ("aligned", "context"):
+        want = ref.cross_attention(q, k, v, mask)
+        got = tx.cross_attention(q, k, v, mask)
+        assert torch.isfinite(want).all() and rel_err(got, want) <= 1e-6, mask
+    d_b, s = 2, 3  # the decode step, context mode: every cached score is about -1e36
+    h_b, w_q, w_o = torch.ones(1, 1, d_b), torch.eye(d_b) * 1e18, torch.eye(d_b)
+    kc = torch.full((1, 1, s, d_b), -1e18)
+    kc[0, 0, 1] *= 2
+    vc = torch.arange(s * d_b, dtype=torch.float32).view(1, 1, s, d_b)
+    want = ref.bridge_decode_step(h_b, None, w_q, None, None, w_o, kc, vc, s, 1)
+    got = tx.bridge_decode_step(h_b, None, w_q, None, None, w_o, kc, vc, s, 1)
+    assert torch.isfinite(want).all() and rel_err(got, want) <= 1e-6

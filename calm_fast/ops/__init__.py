@@ -131,6 +131,8 @@ def _check_key_padding_mask(kpm, shape: tuple, device: torch.device, what: str) 
 def _check_n_heads(n_heads, d_b: int, what: str) -> int:
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads <= 0:
         raise ValueError(f"{what}: n_heads must be a positive int, got {n_heads!r}")
+    if d_b <= 0:
+        raise ValueError(f"{what}: D_B={d_b} must be positive")
     if d_b % n_heads:
         raise ValueError(f"{what}: D_B={d_b} is not a multiple of n_heads={n_heads}")
     return d_b // n_heads

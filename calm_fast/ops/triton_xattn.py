@@ -162,7 +162,8 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs
                 seen = seen | (tl.max((allowed & keep[None, :]).to(tl.int32), 1) > 0)
             else:  # every row sees the whole block: one reduction over the keys
                 seen = seen | (tl.max(keep.to(tl.int32), 0) > 0)
-        # m_i starts at -1e30 (finite), so a fully masked tile gives p = 0, alpha = 1, no NaN.
+        # m_i starts at -FLT_MAX (finite, below every finite score), so a fully masked tile
+        # gives p = 0, alpha = 1, no NaN, and rows whose scores are all tiny still normalise.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -212,7 +213,7 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
                                           block_shape=[BLOCK_N, HEAD_DIM])
     kpm_base = KPM + b * skpm
 
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 3.4028234663852886e38   # -FLT_MAX
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
@@ -255,8 +256,8 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Tq, D,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)   # grid axis 0 has no 65535 limit: batch x heads may exceed it
+    pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -507,7 +508,7 @@ def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
     q = tl.load(QB + b * D_B + h * hd + offs_d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale
     k_base = KC + b * skc_b + h * skc_h
     v_base = VC + b * svc_b + h * svc_h
-    m_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32), 0) - 1.0e30
+    m_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32), 0) - 3.4028234663852886e38   # -FLT_MAX
     l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
     seen = tl.max(tl.zeros([BLOCK_N], dtype=tl.int32), 0) > 0  # the mask kept some key here
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -560,7 +561,7 @@ def _decode_out(HB, WO, PM, PL, PACC, OUT, B, D_B, H, hd, s_hb, s_wo, s_out, NS,
             slot = (rows.to(tl.int64) * H + hh) * NS
             ps = slot[:, None] + offs_s[None, :]
             ms = r_ok[:, None] & s_ok[None, :]
-            m = tl.load(PM + ps, mask=ms, other=-1.0e30)
+            m = tl.load(PM + ps, mask=ms, other=-3.4028234663852886e38)
             l = tl.load(PL + ps, mask=ms, other=0.0)
             m_max = tl.max(m, 1)
             w = tl.math.exp2(m - m_max[:, None])
@@ -823,7 +824,7 @@ def _attn_backward(do, q, k, v, out, lse, causal: bool, kpm):
 
     delta = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
     block = 32 if _interpreter_active() else 128
-    _launch("_attn_bwd_delta", q.device, (triton.cdiv(tq, block), b * h), out, do, delta,
+    _launch("_attn_bwd_delta", q.device, (b * h, triton.cdiv(tq, block)), out, do, delta,
             out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
             h, tq, d, HEAD_DIM=hd, BLOCK_M=block)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -901,8 +902,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
         raise TypeError(f"q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
-    if q.shape[3] > 256:
-        raise ValueError(f"head dim must be <= 256 for the triton backend, got {q.shape[3]}")
+    if not 0 < q.shape[3] <= 256:
+        raise ValueError(f"head dim must be in [1, 256] for the triton backend, got {q.shape[3]}")
     if mask == "aligned" and q.shape[2] > k.shape[2]:
         raise ValueError(f"aligned mask needs Tq <= Tk, got Tq={q.shape[2]} Tk={k.shape[2]}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or tuple(
@@ -928,6 +929,8 @@ def _sm_count(device: torch.device) -> int:
 
 def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_heads: int, kpm):
     bsz, _, d_b = h_b.shape
+    if bsz == 0:  # nothing to write or attend (a zero-wide block would not compile)
+        return h_b.new_empty((0, 1, d_b))
     hd = d_b // n_heads
     dev = h_b.device
     interp = _interpreter_active()
@@ -1009,6 +1012,25 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
+def _check_writes_disjoint(written: dict, read: dict) -> None:
+    """Every tensor written in place against the other written ones and every input, by byte
+    range (conservative, as csrc/validate.cpp: interleaved tensors are refused too). The kernels
+    read inputs while they write, so shared memory would give a silently wrong result."""
+    def ranges(tensors):
+        return [(name, _byte_range(t)) for name, t in tensors.items()
+                if t is not None and t.numel()]
+    outs, ins = ranges(written), ranges(read)
+    for i, (name, (a0, a1)) in enumerate(outs):
+        for other, (b0, b1) in outs[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"bridge_decode_step: {name}: overlaps {other} in memory (both are "
+                                 f"written in place); pass separate tensors")
+        for other, (b0, b1) in ins:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"bridge_decode_step: {name}: overlaps the input {other} in memory "
+                                 f"(an output must not share memory with an input)")
+
+
 def bridge_decode_step(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torch.Tensor,
                        w_kv: Optional[torch.Tensor], b_kv: Optional[torch.Tensor], w_o: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, n_heads: int,
@@ -1034,11 +1056,10 @@ def bridge_decode_step_checked(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache,
         raise ValueError(f"bridge_decode_step: head dim must be <= 256 for the triton backend, got {hd}")
     _check_caches_writable(h_a, k_cache, v_cache)
     # The native kernels check this in csrc/validate.cpp; fake tensors (compiling) have no addresses.
-    if h_a is not None and not torch.compiler.is_compiling() and k_cache.numel():
-        (k0, k1), (v0, v1) = _byte_range(k_cache), _byte_range(v_cache)
-        if k0 < v1 and v0 < k1:  # conservative, as validate.cpp: interleaved caches are refused too
-            raise ValueError("bridge_decode_step: k_cache overlaps v_cache in memory (both are written "
-                             "in place); pass two separate caches")
+    if h_a is not None and not torch.compiler.is_compiling():
+        _check_writes_disjoint({"k_cache": k_cache, "v_cache": v_cache},
+                               {"h_b": h_b, "h_a": h_a, "w_q": w_q, "w_kv": w_kv, "b_kv": b_kv,
+                                "w_o": w_o, "key_padding_mask": key_padding_mask})
     return torch.ops.calm_fast.triton_bridge_decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache,
                                                           v_cache, int(pos), int(n_heads),
                                                           key_padding_mask)
