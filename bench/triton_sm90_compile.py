@@ -58,22 +58,27 @@ def _int_args(seq: int, heads: int, head_dim: int, group: int) -> dict[str, int]
 
 def compile_sm90(name: str, causal: bool, has_kpm: bool, block_m: int, block_n: int,
                  num_warps: int, num_stages: int, seq: int = 8192, heads: int = 16,
-                 head_dim: int = 128, group: int = 1, elt: str = "bf16", tma: bool = False):
+                 head_dim: int = 128, group: int = 1, elt: str = "bf16", tma: bool = False,
+                 split_p: bool = False):
     """The kernel `name` of ops/triton_xattn.py compiled for sm_90 (a triton CompiledKernel);
-    tma: the forward's K/V loads through tensor descriptors (USE_TMA)."""
+    tma: the forward's K/V loads through tensor descriptors (USE_TMA); split_p: the training
+    forward's second P·V product and fp32 output (SPLIT_P)."""
     fn = getattr(tx, name)
     consts = dict(CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=tx._head_dim_tile(head_dim),
                   PAD_D=tx._head_dim_tile(head_dim) != head_dim,
                   PREC="ieee" if elt == "fp32" else "tf32", BLOCK_M=block_m, BLOCK_N=block_n)
     if "USE_TMA" in fn.arg_names:
         consts["USE_TMA"] = tma
+    if "SPLIT_P" in fn.arg_names:
+        consts["SPLIT_P"] = split_p
     ints = _int_args(seq, heads, head_dim, group)
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in consts:
             sig[arg] = "constexpr"
         elif arg in _POINTERS:
-            sig[arg] = "*fp32" if arg in _FP32_PTRS else "*u8" if arg in _UINT8_PTRS else f"*{elt}"
+            fp32 = arg in _FP32_PTRS or (split_p and arg == "O")
+            sig[arg] = "*fp32" if fp32 else "*u8" if arg in _UINT8_PTRS else f"*{elt}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in ("qk_scale", "sm_scale"):
             sig[arg] = "fp32"
@@ -122,6 +127,8 @@ def main() -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--group", type=int, default=1, help="CALM_FAST_TRITON_HEAD_GROUP the launch would use")
     ap.add_argument("--tma", action="store_true", help="the forward with CALM_FAST_TRITON_TMA=1 (other kernels unchanged)")
+    ap.add_argument("--split-p", action="store_true",
+                    help="the training forward (SPLIT_P: fp32 output, a second P·V product)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     if not ptxas_path().is_file():
@@ -130,7 +137,8 @@ def main() -> int:
     elt = 4 if args.dtype == "fp32" else 2
     tile = tx._head_dim_tile(args.head_dim)
     print(f"triton {triton.__version__}, sm_90a, {args.dtype}, T={args.seq} H={args.heads} "
-          f"d={args.head_dim} GROUP={args.group}" + (" TMA" if args.tma else ""))
+          f"d={args.head_dim} GROUP={args.group}" + (" TMA" if args.tma else "")
+          + (" SPLIT_P" if args.split_p else ""))
     print(f"{'kernel':16s} {'mask':8s} {'kpm':4s} {'tile':8s} {'w':>2s} {'st':>2s} {'smem':>7s} {'regs':>4s} "
           f"{'spill':>5s} " + " ".join(f"{op:>15s}" for op in OPS))
     rows = []
@@ -140,7 +148,8 @@ def main() -> int:
             for has_kpm in (False, True):
                 for cfg in cfgs:
                     r = report(name, causal, has_kpm, cfg, seq=args.seq, heads=args.heads,
-                               head_dim=args.head_dim, group=args.group, elt=args.dtype, tma=args.tma)
+                               head_dim=args.head_dim, group=args.group, elt=args.dtype, tma=args.tma,
+                               split_p=args.split_p and name == "_attn_fwd" and args.dtype != "fp32")
                     rows.append(r)
                     print(f"{name:16s} {'causal' if causal else 'context':8s} {str(has_kpm)[0]:4s} "
                           f"{r['tile']:8s} {r['warps']:2d} {r['stages']:2d} {r['smem']:7d} "

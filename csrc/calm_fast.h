@@ -75,6 +75,9 @@ CF_API const char* cf_version(void);
 CF_API cf_status cf_set_num_threads(int32_t n);
 
 /* ---- CPU (fp32, fp64, bf16 storage; accumulation in fp32, fp64 for fp64) ---- */
+/* out: q's dtype, or fp32 for bf16 inputs (the unrounded output; passed back to the backward,
+ * it gives delta = dout·out without bf16 rounding: dq, dk then keep their accuracy when the
+ * value rows are alike). */
 CF_API cf_status cf_attn_fwd_cpu(const cf_tensor* q, const cf_tensor* k, const cf_tensor* v,
                                  const cf_tensor* key_padding_mask, int32_t mask,
                                  const cf_tensor* out, const cf_tensor* lse);

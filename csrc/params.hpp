@@ -17,6 +17,8 @@ struct AttnParams {
   int64_t skpm[2]{};
   void* out = nullptr;
   int64_t so[3]{};
+  bool out_f32 = false;  // out is fp32 although q/k/v are bf16: the unrounded output a training
+                         // backward forms delta = dout·out from (CPU only)
   void* lse = nullptr;
   int64_t sl[3]{};
   // backward only

@@ -201,7 +201,9 @@ cf_status make_attn_params(Backend be, const cf_tensor* q, const cf_tensor* k, c
   const int dt = q->dtype;
   CF_TRY(check("k", k, 4, {dt}));
   CF_TRY(check("v", v, 4, {dt}));
-  CF_TRY(check("out", out, 4, {dt}));
+  // out may be fp32 for bf16 inputs on the CPU: the unrounded output (see AttnParams::out_f32).
+  const bool out_f32 = be == Backend::kCpu && dt == CF_BF16 && out != nullptr && out->dtype == CF_F32;
+  CF_TRY(check("out", out, 4, {out_f32 ? CF_F32 : dt}));
   const int lse_dt = dt == CF_F64 ? CF_F64 : CF_F32;
   CF_TRY(check("lse", lse, 3, {lse_dt}));
   const int64_t B = q->shape[0], H = q->shape[1], Tq = q->shape[2], D = q->shape[3];
@@ -231,6 +233,7 @@ cf_status make_attn_params(Backend be, const cf_tensor* q, const cf_tensor* k, c
   p->dtype = dt;
   p->B = B; p->H = H; p->Tq = Tq; p->Tk = Tk; p->D = D;
   p->aligned = mask == CF_MASK_ALIGNED;
+  p->out_f32 = out_f32;
   p->q = q->data; p->k = k->data; p->v = v->data; p->out = out->data; p->lse = lse->data;
   copy3(q, p->sq); copy3(k, p->sk); copy3(v, p->sv); copy3(out, p->so); copy3(lse, p->sl);
   return CF_OK;

@@ -9,6 +9,7 @@ import torch
 
 from calm_fast.ops import reference as ref
 from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored
+from precision_checks import check_16bit_grads_with_alike_values
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
@@ -60,6 +61,11 @@ def test_attention_forward_backward(shape, mask, kind, dtype):
     want.backward(grad)
     for got, exp in ((qn.grad, qr.grad), (kn.grad, kr.grad), (vn.grad, vr.grad)):
         assert rel(got, exp) <= 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_backward_with_alike_value_rows(dtype):
+    check_16bit_grads_with_alike_values("cuda", DEV, dtype)
 
 
 def test_cuda_matches_cpu_kernel_and_empty_rows():

@@ -222,6 +222,8 @@ def test_opcheck_attention_and_decode():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     for mask, m in (("aligned", kpm), ("context", None)):
         torch.library.opcheck(native.native_attn_fwd, (q, k, v, m, mask))
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))  # fp32 out for bf16
+    torch.library.opcheck(native.native_attn_fwd, (qb, kb, vb, kpm, "aligned", True))
     out, lse = native.native_attn_fwd(q.detach(), k.detach(), v.detach(), kpm, "aligned")
     torch.library.opcheck(native.native_attn_bwd,
                           (q.detach(), k.detach(), v.detach(), kpm, "aligned", out, torch.randn_like(out), lse))
@@ -687,3 +689,44 @@ def test_cuda_backward_math_on_cpu_tensors():
         for clean, bad, want in zip(*grads, (qr.grad, kr.grad, vr.grad)):
             assert torch.equal(bad, clean), mask
             assert rel(clean, want) <= 1e-5, mask
+
+
+@pytest.mark.parametrize("mask", ["aligned", "context"])
+def test_bf16_backward_with_alike_value_rows(mask):
+    """Regression (audit, session 10): the C++ backward formed delta = dout·out from the bf16
+    output; with alike value rows its dq, dk were 50x less accurate than the reference's. It
+    now reads the unrounded fp32 output the forward keeps when a gradient will be taken."""
+    from precision_checks import check_16bit_grads_with_alike_values
+    check_16bit_grads_with_alike_values("cpp", CPU, torch.bfloat16, mask)
+
+
+def test_cuda_backward_math_with_alike_value_rows():
+    """The CUDA backend's backward math (on CPU tensors) recomputes the output from P instead of
+    reading the 16-bit one its forward wrote: the same case as above, within 2x the reference."""
+    from precision_checks import alike_value_inputs, rel as rel_err
+    q, k, v, g = alike_value_inputs(CPU)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(ref.cross_attention(qd, kd, vd, "aligned"), (qd, kd, vd), g.double())
+    qb, kb, vb = (t.detach().requires_grad_() for t in (q, k, v))
+    ref_bf16 = torch.autograd.grad(ref.cross_attention(qb, kb, vb, "aligned"), (qb, kb, vb), g)
+    out, lse = native.native_attn_fwd(q, k, v, None, "aligned")  # bf16 out, as the CUDA kernels write
+    got = native._attn_bwd_cuda(q, k, v, None, "aligned", out, g, lse)
+    for name, o, r, e in zip("qkv", got, ref_bf16, want):
+        assert rel_err(o, e) <= 2 * rel_err(r, e) + 1e-3, name
+
+
+def test_c_api_accepts_fp32_out_for_bf16_only():
+    """cf_attn_fwd_cpu / cf_attn_bwd_cpu: out may be fp32 for bf16 inputs (the unrounded output);
+    any other mismatch between out and q is still refused by name."""
+    q, k, v = (torch.randn(1, 2, 5, 8).bfloat16() for _ in range(3))
+    out32, lse = torch.empty(1, 2, 5, 8), torch.empty(1, 2, 5)
+    native._C.attn_fwd(*[native._desc(t) for t in (q, k, v)], None, 0, native._desc(out32), native._desc(lse))
+    want = ref.cross_attention(q.float(), k.float(), v.float(), "aligned")
+    assert rel(out32, want) <= 1e-5  # fp32 accumulation, not rounded to bf16
+    with pytest.raises(TypeError, match="out"):
+        q32 = q.float()
+        native._C.attn_fwd(*[native._desc(t) for t in (q32, q32, q32)], None, 0,
+                           native._desc(torch.empty(1, 2, 5, 8).double()), native._desc(lse))
+    with pytest.raises(TypeError, match="out"):
+        native._C.attn_fwd(*[native._desc(t) for t in (q, k, v)], None, 0,
+                           native._desc(torch.empty(1, 2, 5, 8).half()), native._desc(lse))

@@ -48,6 +48,7 @@ except ImportError as exc:  # triton itself missing
 from calm_fast import ops  # noqa: E402
 from calm_fast.ops import reference as ref  # noqa: E402
 from padding_checks import check_decode_padded_rows_are_ignored, check_padded_keys_are_ignored  # noqa: E402
+from precision_checks import check_16bit_grads_with_alike_values  # noqa: E402
 
 INTERP = tx._interpreter_active()
 interp_only = pytest.mark.skipif(
@@ -527,6 +528,12 @@ def test_attention_gpu_tma(no_autotune, monkeypatch, dtype):
 
 
 @gpu_only
+@pytest.mark.parametrize("mask", ["aligned", "context"])
+def test_attention_gpu_bf16_backward_with_alike_value_rows(no_autotune, mask):
+    check_16bit_grads_with_alike_values("triton", "cuda", torch.bfloat16, mask)
+
+
+@gpu_only
 def test_attention_gpu_nonfinite_rows(no_autotune):
     check_nonfinite_rows("cuda")
 
@@ -570,6 +577,7 @@ def test_opcheck_gpu(no_autotune):
     kpm = (torch.rand(2, 130, generator=gen) > 0.2).cuda()
     torch.library.opcheck(torch.ops.calm_fast.triton_xattn_fwd.default, (q, k, v, True, kpm))
     torch.library.opcheck(torch.ops.calm_fast.triton_xattn_fwd.default, (q, k, v, False, None))
+    torch.library.opcheck(torch.ops.calm_fast.triton_xattn_fwd.default, (q, k, v, True, kpm, True))
     d_b, s = 128, 40
     dec = tuple(t.cuda() for t in (torch.randn(1, 1, d_b), torch.randn(1, 1, 32),
                                    torch.randn(d_b, d_b), torch.randn(2 * d_b, 32),
@@ -638,6 +646,16 @@ def test_decode_step_batch_zero():
         want = ref.bridge_decode_step(args[0], h_a, args[2], w_kv, b_kv, *args[5:], 2, h)
         got = tx.bridge_decode_step(args[0], h_a, args[2], w_kv, b_kv, *args[5:], 2, h)
         assert got.shape == want.shape == (0, 1, d_b)
+
+
+@interp_only
+@pytest.mark.parametrize("mask", ["aligned", "context"])
+def test_fp16_backward_with_alike_value_rows_interpreter(mask):
+    """Regression (audit, session 10): delta = dout·out came from the fp16-rounded output, whose
+    P·V product also rounds P: with alike value rows dq, dk were 60x less accurate than the
+    reference's. Training now keeps an fp32 output whose P·V adds P's rounding error back
+    (SPLIT_P). fp16 because the interpreter computes fp16 right (bf16 is the GPU test's)."""
+    check_16bit_grads_with_alike_values("triton", "cpu", torch.float16, mask)
 
 
 @interp_only

@@ -208,6 +208,15 @@ def _check_decode_inputs(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos, 
     _check_key_padding_mask(kpm, (bsz, s), h_b.device, "(B, S)")
 
 
+def _unrounded_out_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a fused attention forward should hand its backward the fp32 output, not the
+    16-bit one it returns: delta = dout·out from a rounded out is off by ~2^-9 |dout||out|, which
+    dominates dq and dk when the value rows are alike (P(h_a) rows often are); the reference's
+    autograd never rounds it. Only when a gradient will be taken; inference keeps one output."""
+    return (q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
 def _self_overlapping(t: torch.Tensor) -> bool:
     """True when two elements of `t` may share memory: stride 0 over a dim of size > 1, or
     (dims sorted by stride) a stride within the reach of the smaller ones. Strides only, so

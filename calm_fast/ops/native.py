@@ -7,10 +7,13 @@ Python; the C++ side checks again and raises ValueError/TypeError on anything it
 
 Ops (namespace calm_fast, registered once at import, each with a fake implementation so
 torch.compile(fullgraph=True) traces them and torch.library.opcheck passes):
-  native_attn_fwd(q, k, v, kpm, mask) -> (out, lse)   autograd via native_attn_bwd
+  native_attn_fwd(q, k, v, kpm, mask, unrounded_out=False) -> (out, lse)   autograd via native_attn_bwd
+      unrounded_out: out in fp32 for 16-bit inputs (CPU: the kernel's accumulator, unrounded),
+      which cross_attention() asks for when a gradient will be taken and casts down itself.
   native_attn_bwd(q, k, v, kpm, mask, out, dout, lse) -> (dq, dk, dv)
       CPU: the C++ flash backward. CUDA: there is no CUDA backward kernel yet; it runs the
-      same recomputation from lse in PyTorch (materialises the Tq x Tk scores per head).
+      same recomputation from lse in PyTorch (materialises the Tq x Tk scores per head, and
+      the output from them, so it never reads a rounded one).
   native_decode_step(...) -> out; mutates k_cache and v_cache (aligned mode appends a row).
 
 Dtypes: CPU float32, float64 (exists for gradcheck), bfloat16 (fp32 accumulation);
@@ -27,7 +30,7 @@ import math
 import torch
 
 # The package's own checks: ops/__init__.py defines them before it loads this module.
-from . import _check_caches_writable, _check_decode_inputs
+from . import _check_caches_writable, _check_decode_inputs, _unrounded_out_wanted
 from .reference import attention_mask, zero_padded_keys
 
 try:
@@ -155,9 +158,10 @@ def _check_native_decode(h_b, h_a, k_cache, v_cache) -> None:
 
 @torch.library.custom_op("calm_fast::native_attn_fwd", mutates_args=(), device_types="cpu")
 def native_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_padding_mask: torch.Tensor | None, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    key_padding_mask: torch.Tensor | None, mask: str,
+                    unrounded_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, key_padding_mask = _unit_inner(q), _unit_inner(k), _unit_inner(v), _unit_inner(key_padding_mask)
-    out = q.new_empty(q.shape)
+    out = q.new_empty(q.shape, dtype=_out_dtype(q.dtype, unrounded_out))
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     _C.set_num_threads(torch.get_num_threads())
     _C.attn_fwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask], _desc(out), _desc(lse))
@@ -165,7 +169,9 @@ def native_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @native_attn_fwd.register_kernel("cuda")
-def _attn_fwd_cuda(q, k, v, key_padding_mask, mask):
+def _attn_fwd_cuda(q, k, v, key_padding_mask, mask, unrounded_out=False):
+    # The CUDA kernels write q's dtype: with unrounded_out, that output in fp32 (the CUDA
+    # backward recomputes the output from P and never reads this one).
     q, k, v, key_padding_mask = _unit_inner(q), _unit_inner(k), _unit_inner(v), _unit_inner(key_padding_mask)
     out = q.new_empty(q.shape)
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -173,12 +179,17 @@ def _attn_fwd_cuda(q, k, v, key_padding_mask, mask):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         _C_cuda.attn_fwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask],
                          _desc(out), _desc(lse), stream)
-    return out, lse
+    return out.to(_out_dtype(q.dtype, unrounded_out)), lse
 
 
 @native_attn_fwd.register_fake
-def _(q, k, v, key_padding_mask, mask):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+def _(q, k, v, key_padding_mask, mask, unrounded_out=False):
+    return (q.new_empty(q.shape, dtype=_out_dtype(q.dtype, unrounded_out)),
+            q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
+
+
+def _out_dtype(dtype: torch.dtype, unrounded_out: bool) -> torch.dtype:
+    return torch.float32 if unrounded_out and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,7 +214,7 @@ def native_attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _attn_bwd_cuda(q, k, v, key_padding_mask, mask, out, dout, lse):
     # No CUDA backward kernel: the flash backward's math in PyTorch, recomputing P from lse.
     k, v = zero_padded_keys(k, v, key_padding_mask)  # a padded inf/NaN must not reach dq
-    qf, kf, vf, of, gf = (t.float() for t in (q, k, v, out, dout))
+    qf, kf, vf, gf = (t.float() for t in (q, k, v, dout))
     scale = 1.0 / math.sqrt(q.shape[-1])
     allowed = attention_mask(q.shape[2], k.shape[2], mask, key_padding_mask, q.device)
     lse_f = lse.float()[..., None]
@@ -214,7 +225,7 @@ def _attn_bwd_cuda(q, k, v, key_padding_mask, mask, out, dout, lse):
     keep = seen if allowed is None else allowed & seen
     p = torch.where(keep, p, 0.0)
     dv = p.transpose(-1, -2) @ gf
-    delta = (gf * of).sum(-1, keepdim=True)
+    delta = (gf * (p @ vf)).sum(-1, keepdim=True)  # the output unrounded (see _unrounded_out_wanted)
     ds = torch.where(keep, p * (gf @ vf.transpose(-1, -2) - delta), 0.0)  # a hidden key's ds is 0
     dq = (ds @ kf) * scale
     dk = (ds.transpose(-1, -2) @ qf) * scale
@@ -229,7 +240,7 @@ def _(q, k, v, key_padding_mask, mask, out, dout, lse):
 
 
 def _attn_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, mask = inputs
+    q, k, v, key_padding_mask, mask, _ = inputs
     out, lse = output
     ctx.mask = mask
     ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
@@ -238,8 +249,9 @@ def _attn_setup_context(ctx, inputs, output):
 def _attn_backward(ctx, dout, dlse):
     q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
     # lse is an auxiliary output for the backward; its gradient is not propagated.
-    dq, dk, dv = native_attn_bwd(q, k, v, key_padding_mask, ctx.mask, out, dout.contiguous(), lse)
-    return dq, dk, dv, None, None
+    dout = dout.to(q.dtype).contiguous()  # exact: the gradient of a cast down from fp32 out
+    dq, dk, dv = native_attn_bwd(q, k, v, key_padding_mask, ctx.mask, out, dout, lse)
+    return dq, dk, dv, None, None, None
 
 
 native_attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -305,6 +317,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """reference.cross_attention on the native kernels (differentiable)."""
     _check_attention(q, k, v, mask, key_padding_mask)
+    if _unrounded_out_wanted(q, k, v):
+        return native_attn_fwd(q, k, v, key_padding_mask, mask, True)[0].to(q.dtype)
     return native_attn_fwd(q, k, v, key_padding_mask, mask)[0]
 
 

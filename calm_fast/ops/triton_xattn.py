@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 # The package's own checks: ops/__init__.py defines them before it loads this module.
-from . import _check_caches_writable, _check_decode_inputs
+from . import _check_caches_writable, _check_decode_inputs, _unrounded_out_wanted
 from .reference import MASKS
 
 _LOG2E = 1.4426950408889634
@@ -135,7 +135,7 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs
                     skn, svn, Tk, D, causal_off, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, SPLIT_P: tl.constexpr):
     # k_src / v_src: the head's K and V as row pointers, or (USE_TMA) as tensor descriptors
     # (Hopper's TMA copies a tile; rows past Tk and columns past D arrive as zeros).
     # Scores are scaled in fp32 (qk_scale = sm_scale*log2(e): exp2 domain). The row max on raw
@@ -179,7 +179,11 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs
             v = _load_rows(v_src + offs_n[:, None] * svn + offs_d[None, :], offs_n, Tk, offs_d, D,
                            MASKED, PAD_D)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        p16 = p.to(v.dtype)
+        acc = tl.dot(p16, v, acc, input_precision=PREC)
+        if SPLIT_P:  # p's rounding error as a second 16-bit operand: the output to ~16 bits,
+            # so a training backward's delta = dout·out agrees with the P it recomputes in fp32
+            acc = tl.dot((p - p16.to(tl.float32)).to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i, seen
 
@@ -190,7 +194,7 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
               H, Tq, Tk, D, qk_scale, GROUP, TQ_KEY, TK_KEY,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
               PAD_D: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              SPLIT_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid_m, pid_bh = _program_order(tl.program_id(0), n_m, GROUP)
     if CAUSAL:   # heaviest query blocks first (they see the most keys): a shorter tail wave
@@ -229,10 +233,12 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
     full_end, hi = _key_blocks(m0, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m,
                                           offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off,
-                                          qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA)
+                                          qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA,
+                                          SPLIT_P)
     acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m,
                                           offs_n0, offs_d, full_end, hi, skn, svn, Tk, D, causal_off,
-                                          qk_scale, True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA)
+                                          qk_scale, True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA,
+                                          SPLIT_P)
 
     # l == 0: no key left by the mask (output 0, lse +inf: the backward's p is 0), or every
     # allowed score -inf from an infinite q or k (NaN, as softmax gives; lse NaN).
@@ -652,7 +658,7 @@ def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
     return next((c for c in cands if c.num_warps == 8), cands[0])
 
 
-_TUNED = {name: triton.autotune(pool, key=_KEYS + (["USE_TMA"] if name == "_attn_fwd" else []),
+_TUNED = {name: triton.autotune(pool, key=_KEYS + (["USE_TMA", "SPLIT_P"] if name == "_attn_fwd" else []),
                                 prune_configs_by={"early_config_prune": _pruner(name)})(
     globals()[name]) for name, pool in _CONFIGS.items()}
 
@@ -769,19 +775,20 @@ def _kpm_bytes(kpm: Optional[torch.Tensor], device: torch.device) -> tuple[torch
     return kpm, kpm.stride(0)
 
 
-def _new_attn_out(q: torch.Tensor) -> torch.Tensor:
+def _new_attn_out(q: torch.Tensor, unrounded: bool = False) -> torch.Tensor:
     # (B, Tq, H, d) storage seen as (B, H, Tq, d): merge_heads() after the op is then a free view.
+    # unrounded: fp32 (the kernel stores its accumulator as is; see _unrounded_out_wanted).
     b, h, t, d = q.shape
-    return q.new_empty((b, t, h, d)).transpose(1, 2)
+    return q.new_empty((b, t, h, d), dtype=torch.float32 if unrounded else q.dtype).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------
 # attention: host functions
 # --------------------------------------------------------------------------------------------
-def _attn_forward(q, k, v, causal: bool, kpm):
+def _attn_forward(q, k, v, causal: bool, kpm, unrounded_out: bool = False):
     b, h, tq, d = q.shape
     tk = k.shape[2]
-    out = _new_attn_out(q)
+    out = _new_attn_out(q, unrounded_out and q.dtype != torch.float32)
     lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
     if b * h * tq == 0:
         return out, lse
@@ -803,7 +810,8 @@ def _attn_forward(q, k, v, causal: bool, kpm):
                   skpm, h, tq, tk, d, sm_scale * _LOG2E,
                   _head_group(causal, triton.cdiv(tq, 128), b * h, q.device), _bucket(tq), _bucket(tk),
                   CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
-                  PREC=_precision(q.dtype), USE_TMA=_tma_ok(k, v))
+                  PREC=_precision(q.dtype), USE_TMA=_tma_ok(k, v),
+                  SPLIT_P=out.dtype != q.dtype)   # the unrounded out of a 16-bit training step
     return out, lse
 
 
@@ -848,14 +856,16 @@ def _attn_backward(do, q, k, v, out, lse, causal: bool, kpm):
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("calm_fast::triton_xattn_fwd", mutates_args=())
 def _xattn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                  key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attn_forward(q, k, v, causal, key_padding_mask)
+                  key_padding_mask: Optional[torch.Tensor],
+                  unrounded_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attn_forward(q, k, v, causal, key_padding_mask, unrounded_out)
 
 
 @_xattn_fwd_op.register_fake
-def _(q, k, v, causal, key_padding_mask):
+def _(q, k, v, causal, key_padding_mask, unrounded_out=False):
     b, h, tq, _ = q.shape
-    return _new_attn_out(q), q.new_empty((b, h, tq), dtype=torch.float32)
+    return (_new_attn_out(q, unrounded_out and q.dtype != torch.float32),
+            q.new_empty((b, h, tq), dtype=torch.float32))
 
 
 @torch.library.custom_op("calm_fast::triton_xattn_bwd", mutates_args=())
@@ -872,7 +882,7 @@ def _(grad_out, q, k, v, out, lse, causal, key_padding_mask):
 
 
 def _xattn_setup_context(ctx, inputs, output):
-    q, k, v, causal, kpm = inputs
+    q, k, v, causal, kpm, _ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kpm)
     ctx.causal = causal
@@ -882,9 +892,11 @@ def _xattn_setup_context(ctx, inputs, output):
 def _xattn_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, kpm = ctx.saved_tensors
     if grad_out is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
+    # grad_out may be fp32 (the gradient of the cast of an unrounded out): _attn_backward casts
+    # it to q's dtype, exactly, since it came through that cast.
     dq, dk, dv = torch.ops.calm_fast.triton_xattn_bwd(grad_out, q, k, v, out, lse, ctx.causal, kpm)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _xattn_fwd_op.register_autograd(_xattn_backward, setup_context=_xattn_setup_context)
@@ -910,6 +922,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
             key_padding_mask.shape) != (k.shape[0], k.shape[2])):
         raise ValueError(f"key_padding_mask must be bool (B, Tk)={(k.shape[0], k.shape[2])}, got "
                          f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+    if _unrounded_out_wanted(q, k, v):  # fp32 out for the backward's delta, cast down here
+        out, _ = torch.ops.calm_fast.triton_xattn_fwd(q, k, v, mask == "aligned", key_padding_mask, True)
+        return out.to(q.dtype)
     out, _ = torch.ops.calm_fast.triton_xattn_fwd(q, k, v, mask == "aligned", key_padding_mask)
     return out
 

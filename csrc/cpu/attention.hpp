@@ -108,6 +108,18 @@ inline void tile_axpy(const A* __restrict w, const A* __restrict rows, int n, in
   }
 }
 
+// Writes output row i as y * mul: in T, or unrounded in fp32 when the caller asked for it.
+template <typename T, typename A>
+inline void store_out_row(const AttnParams& p, int64_t b, int64_t h, int64_t i, const A* y, A mul) {
+  if (p.out_f32) {
+    float* op = row_ptr_mut<float>(p.out, p.so, b, h, i);
+    for (int64_t d = 0; d < p.D; ++d) op[d] = static_cast<float>(y[d] * mul);
+  } else {
+    T* op = row_ptr_mut<T>(p.out, p.so, b, h, i);
+    for (int64_t d = 0; d < p.D; ++d) op[d] = from_acc<T>(y[d] * mul);
+  }
+}
+
 // Last key index query row i may see (may be < 0: sees nothing).
 inline int64_t last_key(const AttnParams& p, int64_t i) {
   return p.aligned ? i + (p.Tk - p.Tq) : p.Tk - 1;
@@ -143,8 +155,7 @@ bool attn_fwd_rows_impl(const AttnParams& p, int nthreads) {
       const A lse = attend_row(qf.data(), row_ptr<T>(p.k, p.sk, b, h, 0), p.sk[2],
                                row_ptr<T>(p.v, p.sv, b, h, 0), p.sv[2], n, D, keep, p.skpm[1],
                                s.data(), y.data());
-      T* op = row_ptr_mut<T>(p.out, p.so, b, h, i);
-      for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(y[d]);
+      store_out_row<T>(p, b, h, i, y.data(), A(1));
       *row_ptr_mut<A>(p.lse, p.sl, b, h, i) = lse;
     }
   }
@@ -250,13 +261,12 @@ bool attn_fwd_impl(const AttnParams& p, int nthreads) {
         }
       }
       for (int r = 0; r < nq; ++r) {
-        T* op = row_ptr_mut<T>(p.out, p.so, b, h, i0 + r);
         // l > 0: normal row; l == 0: the mask left it no key (0, lse -inf), or its allowed
         // scores were all -inf from infinite inputs (NaN, as softmax); l NaN: poisoned (NaN).
         const A nan = std::numeric_limits<A>::quiet_NaN();
         if (l[r] == A(0) && seen[r]) l[r] = nan;
         const A inv = l[r] > A(0) ? A(1) / l[r] : (l[r] == A(0) ? A(0) : nan);
-        for (int64_t d = 0; d < D; ++d) op[d] = from_acc<T>(acc[r * D + d] * inv);
+        store_out_row<T>(p, b, h, i0 + r, &acc[r * D], inv);
         A* lp = row_ptr_mut<A>(p.lse, p.sl, b, h, i0 + r);
         *lp = l[r] > A(0) ? m[r] + std::log(l[r]) : (l[r] == A(0) ? neg_inf<A>() : nan);
       }
@@ -273,17 +283,24 @@ bool attn_bwd_impl(const AttnParams& p, int nthreads) {
   using A = typename acc_of<T>::type;
   const int64_t D = p.D, BH = p.B * p.H;
   const A scale = A(1) / std::sqrt(A(D));
-  // delta_i = dout_i · out_i, the softmax-backward row term.
+  // delta_i = dout_i · out_i, the softmax-backward row term. From a bf16-rounded out it is off
+  // by ~2^-9 |dout||out|, which dominates dq and dk when the value rows are alike (dout·v_j -
+  // delta is then a small difference): training passes the unrounded fp32 out (p.out_f32).
   Buf<A> delta(BH * p.Tq);
   if (!delta.ok()) return false;
   bool failed = false;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < BH * p.Tq; ++r) {
     const int64_t b = r / (p.H * p.Tq), h = (r / p.Tq) % p.H, i = r % p.Tq;
-    const T* o = row_ptr<T>(p.out, p.so, b, h, i);
     const T* g = row_ptr<T>(p.dout, p.sdo, b, h, i);
     A acc = 0;
-    for (int64_t d = 0; d < D; ++d) acc += to_acc(o[d]) * to_acc(g[d]);
+    if (p.out_f32) {
+      const float* o = row_ptr<float>(p.out, p.so, b, h, i);
+      for (int64_t d = 0; d < D; ++d) acc += A(o[d]) * to_acc(g[d]);
+    } else {
+      const T* o = row_ptr<T>(p.out, p.so, b, h, i);
+      for (int64_t d = 0; d < D; ++d) acc += to_acc(o[d]) * to_acc(g[d]);
+    }
     delta[r] = acc;
   }
   const int64_t nkb = (p.Tk + kBK - 1) / kBK;
