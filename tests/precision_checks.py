@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from calm_fast import ops
-from calm_fast.ops import reference as ref
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
