@@ -79,12 +79,20 @@ def bench_attention(args, tx, ref, do_bench) -> list[dict]:
                     # The program order and TMA settings are read at every call.
                     os.environ["CALM_FAST_TRITON_HEAD_GROUP"] = "auto" if name.endswith("_grouped") else "1"
                     os.environ["CALM_FAST_TRITON_TMA"] = "1" if name.startswith("triton_tma") else "0"
-                    for backward in ((False,) if name.startswith("triton_tma") else (False, True)):
+                    # fwd_train: the forward with gradients on (Triton then keeps an fp32 output
+                    # and a second P·V product for the backward's delta; FLOPs counted as fwd's).
+                    passes = (("fwd",) if name.startswith("triton_tma") else
+                              ("fwd", "bwd", "fwd_train") if name in ("triton", "sdpa_flash") else
+                              ("fwd", "bwd"))
+                    for pass_ in passes:
+                        backward = pass_ == "bwd"
                         try:
                             if backward:
                                 out = fn()
                                 ms = do_bench(lambda out=out: torch.autograd.grad(
                                     out, (q, k, v), do, retain_graph=True), return_mode="median")
+                            elif pass_ == "fwd_train":
+                                ms = do_bench(fn, return_mode="median")
                             else:
                                 with torch.no_grad():
                                     ms = do_bench(fn, return_mode="median")
@@ -92,10 +100,10 @@ def bench_attention(args, tx, ref, do_bench) -> list[dict]:
                             torch.cuda.empty_cache()
                             continue
                         tflops = attention_flops(b, n_heads, t, t, d, causal, backward) / ms * 1e-9
-                        row = dict(provider=name, pass_="bwd" if backward else "fwd", mask=mask,
+                        row = dict(provider=name, pass_=pass_, mask=mask,
                                    head_dim=d, seq=t, batch=b, heads=n_heads, ms=ms, tflops=tflops)
                         rows.append(row)
-                        print(f"{name:18s} {row['pass_']} {mask:7s} d={d:3d} T={t:5d} B={b:3d} "
+                        print(f"{name:18s} {row['pass_']:9s} {mask:7s} d={d:3d} T={t:5d} B={b:3d} "
                               f"H={n_heads:2d}  {ms:8.3f} ms  {tflops:7.1f} TFLOP/s", flush=True)
                 del q, k, v, do
                 torch.cuda.empty_cache()
@@ -190,10 +198,12 @@ def main() -> int:
     summary = {f"{p}_{m}_d{d}_T{t}_triton_over_sdpa": ratio(p, m, d, t)
                for p in ("fwd", "bwd") for m in ("aligned", "context") for d in (64, 128)
                for t in sorted({r["seq"] for r in attn})}
-    for r in attn:  # grouped program order and TMA against the default, same point
-        if r["provider"] in ("triton_grouped", "triton_tma", "triton_tma_grouped"):
-            base = [b for b in attn if b["provider"] == "triton" and all(
-                b[k] == r[k] for k in ("pass_", "mask", "head_dim", "seq"))]
+    for r in attn:  # grouped program order, TMA and the training forward against the default
+        variant = r["provider"] in ("triton_grouped", "triton_tma", "triton_tma_grouped")
+        if variant or (r["provider"] == "triton" and r["pass_"] == "fwd_train"):
+            want_pass = r["pass_"] if variant else "fwd"
+            base = [b for b in attn if b["provider"] == "triton" and b["pass_"] == want_pass and all(
+                b[k] == r[k] for k in ("mask", "head_dim", "seq"))]
             if base:
                 print(f"{r['provider']} {r['pass_']} {r['mask']} d={r['head_dim']} T={r['seq']}: "
                       f"{r['tflops']:.1f} vs {base[0]['tflops']:.1f} TFLOP/s "

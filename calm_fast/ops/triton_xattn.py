@@ -658,7 +658,9 @@ def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
     return next((c for c in cands if c.num_warps == 8), cands[0])
 
 
-_TUNED = {name: triton.autotune(pool, key=_KEYS + (["USE_TMA", "SPLIT_P"] if name == "_attn_fwd" else []),
+# SPLIT_P (the training forward) is not in the key: it shares the tile tuned for its shape, a
+# second tuning sweep per length bucket would cost more compile time than the tile choice gains.
+_TUNED = {name: triton.autotune(pool, key=_KEYS + (["USE_TMA"] if name == "_attn_fwd" else []),
                                 prune_configs_by={"early_config_prune": _pruner(name)})(
     globals()[name]) for name, pool in _CONFIGS.items()}
 
