@@ -24,23 +24,32 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # by hand, not F.rms_norm: ONNX opset 18 has no RMSNormalization
-        xf = x.float()
+        compute = _compute_dtype(x)
+        xf = x.to(compute)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(compute)).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """16-bit activations are normalised and rotated in float32; float64 stays float64 (a
+    float64 model is the ground truth some checks compare float32 kernels against)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     ang = torch.cat([ang, ang], dim=-1)  # HF layout: the two halves rotate together
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, d); cos/sin (B, 1, T, d)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    compute = _compute_dtype(x)
+    return (x.to(compute) * cos + rotated.to(compute) * sin).to(x.dtype)
 
 
 class StaticKVCache:
@@ -201,6 +210,15 @@ class Decoder(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         self.cache: StaticKVCache | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.cfg.arch == "llama" and self.rope_cos.dtype == torch.float64:
+            # .double() cast the float32 tables up, float32's rounding included: recompute them
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                   torch.float64)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self
 
     @staticmethod
     def _init_weights(m):

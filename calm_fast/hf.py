@@ -328,7 +328,9 @@ def _fill_buffers(model: Decoder) -> None:
         if name not in ("rope_cos", "rope_sin"):
             raise RuntimeError(f"load_hf does not know how to fill decoder buffer {name!r}")
     if model.cfg.arch == "llama":
-        cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
+        exact = model.rope_cos.dtype == torch.float64  # a float64 model keeps float64 tables
+        cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta,
+                               torch.float64 if exact else torch.float32)
         model.rope_cos, model.rope_sin = cos.to(model.device), sin.to(model.device)
 
 

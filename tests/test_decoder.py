@@ -281,3 +281,30 @@ def test_left_pad():
     assert mask.tolist() == [[True, True, True], [False, False, True]]
     with pytest.raises(ValueError, match="at least one token"):
         left_pad([[1], []])
+
+
+def test_float64_model_keeps_float64_precision():
+    """Regression (audit, session 10): RMSNorm and RoPE computed in float32 (x.float()) and the
+    RoPE tables kept float32's rounding after .double(), so a float64 model was only float32
+    accurate (~5e-8 off), silently: it is the ground truth some checks hold float32 kernels to."""
+    from calm_fast.decoder import RMSNorm, apply_rope, rope_tables
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, dtype=torch.float64, generator=gen)
+    norm = RMSNorm(16, 1e-5).double()
+    exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert (norm(x) - exact).abs().max().item() <= 1e-14
+    xq = torch.randn(1, 1, 4, 8, dtype=torch.float64, generator=gen)
+    ang = torch.rand(1, 1, 4, 8, dtype=torch.float64, generator=gen)
+    rot = torch.cat([-xq[..., 4:], xq[..., :4]], -1)
+    want = xq * ang.cos() + rot * ang.sin()
+    assert (apply_rope(xq, ang.cos(), ang.sin()) - want).abs().max().item() <= 1e-14
+    cfg = DecoderConfig(vocab_size=10, dim=16, n_layers=1, n_heads=2, max_seq_len=64)
+    model = Decoder(cfg).double()
+    cos64, sin64 = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, torch.float64)
+    assert torch.equal(model.rope_cos, cos64) and torch.equal(model.rope_sin, sin64)
+    assert model.float().rope_cos.dtype == torch.float32  # and back: the float32 tables
+    assert torch.equal(model.rope_cos, rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)[0])
+    # 16-bit and float32 activations still normalise in float32 (unchanged)
+    xb = x.float().bfloat16()
+    assert torch.equal(RMSNorm(16, 1e-5)(xb), (xb.float() * torch.rsqrt(
+        xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16())
