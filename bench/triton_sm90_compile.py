@@ -71,6 +71,7 @@ def compile_sm90(name: str, causal: bool, has_kpm: bool, block_m: int, block_n: 
         consts["USE_TMA"] = tma
     if "SPLIT_P" in fn.arg_names:
         consts["SPLIT_P"] = split_p
+    consts["NAT"] = head_dim <= 2   # base e at head dims 1-2 (tx._score_scale)
     ints = _int_args(seq, heads, head_dim, group)
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):

@@ -659,6 +659,36 @@ def test_fp16_backward_with_alike_value_rows_interpreter(mask):
 
 
 @interp_only
+@pytest.mark.parametrize("d,top", [(1, 2.56e38), (2, 3.37e38)])  # top q·k: inf once x log2(e)/sqrt(d)
+def test_scores_near_flt_max_at_head_dims_1_and_2(d, top):
+    """At head dims 1 and 2, log2(e)/sqrt(d) > 1: a finite score above ~2.36e38 scaled into base 2
+    overflowed to inf and the row came out NaN where the reference's softmax is finite. Those
+    head dims run in base e now (_score_scale): forward, backward and the decode step."""
+    gen = torch.Generator().manual_seed(1)
+    big = (top / d) ** 0.5                           # q·k of the first key: top
+    q = torch.full((1, 2, 3, d), big)
+    k = torch.tensor([1.0, 0.7, 0.0, -0.5]).view(1, 1, 4, 1).expand(1, 2, 4, d) * big
+    k = k.contiguous()
+    v = torch.randn(1, 2, 4, d, generator=gen)
+    dout = torch.randn(1, 2, 3, d, generator=gen)
+    for mask in ("aligned", "context"):
+        grads = []
+        for attn in (ref.cross_attention, tx.cross_attention):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            out = attn(qq, kk, vv, mask)
+            grads.append([out] + list(torch.autograd.grad(out, (qq, kk, vv), dout)))
+        for name, w, g in zip(("out", "dq", "dk", "dv"), *grads):
+            assert torch.isfinite(w).all() and rel_err(g, w) <= 1e-5, (mask, name)
+    d_b = 2 * d  # the decode step, context mode, two heads of width d
+    h_b, w_o = torch.ones(1, 1, d_b), torch.eye(d_b)
+    w_q = torch.eye(d_b) * big
+    kc, vc = k, v   # (1, 2, 4, d): the cached rows are those keys and values
+    want = ref.bridge_decode_step(h_b, None, w_q, None, None, w_o, kc, vc, 4, 2)
+    got = tx.bridge_decode_step(h_b, None, w_q, None, None, w_o, kc, vc, 4, 2)
+    assert torch.isfinite(want).all() and rel_err(got, want) <= 1e-5
+
+
+@interp_only
 def test_scores_below_minus_1e30_still_normalise():
     """Rows whose finite scores are all below -1e30 (huge q, k): the running max used to start at
     -1e30, so every p underflowed to 0 and the row came out NaN; it starts at -FLT_MAX now."""

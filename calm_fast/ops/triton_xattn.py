@@ -7,7 +7,9 @@ Layout and numerics
   q (B, H, Tq, d), k/v (B, H, Tk, d): any strides as long as the head dim is contiguous.
   Scores, softmax statistics and accumulators are fp32. fp32 inputs use IEEE dot products
   (input_precision="ieee"), not TF32, so the fp32 path meets the library's 1e-5 parity rule on
-  GPU too; bf16/fp16 are the fast path. The log-sum-exp is kept in base 2 (exp2 is one MUFU op).
+  GPU too; bf16/fp16 are the fast path. The log-sum-exp is kept in base 2 (exp2 is one MUFU op),
+  except at head dims 1 and 2 (NAT): there log2(e)/sqrt(d) > 1, and a finite score near FLT_MAX
+  scaled into base 2 would overflow, so those kernels scale by 1/sqrt(d) and use base e.
   Head dims that are not powers of two (80, 96, ...) run in the next power-of-two tile with the
   extra columns masked.
   Rows that see no key output 0 and get zero gradient: their LSE is stored as +inf, so every
@@ -127,6 +129,23 @@ def _program_order(pid, n_blk, GROUP):
     return r // size, g0 + r % size
 
 
+@triton.jit
+def _exp(x, NAT: tl.constexpr):
+    """e^x (NAT) or 2^x: the kernels' exponential in the base their scores are scaled for."""
+    if NAT:
+        return tl.exp(x)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _log(x, NAT: tl.constexpr):
+    if NAT:
+        return tl.log(x)
+    else:
+        return tl.math.log2(x)
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -135,7 +154,7 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs
                     skn, svn, Tk, D, causal_off, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                     PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_TMA: tl.constexpr, SPLIT_P: tl.constexpr):
+                    USE_TMA: tl.constexpr, SPLIT_P: tl.constexpr, NAT: tl.constexpr):
     # k_src / v_src: the head's K and V as row pointers, or (USE_TMA) as tensor descriptors
     # (Hopper's TMA copies a tile; rows past Tk and columns past D arrive as zeros).
     # Scores are scaled in fp32 (qk_scale = sm_scale*log2(e): exp2 domain). The row max on raw
@@ -165,8 +184,8 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs
         # m_i starts at -FLT_MAX (finite, below every finite score), so a fully masked tile
         # gives p = 0, alpha = 1, no NaN, and rows whose scores are all tiny still normalise.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        p = _exp(s - m_new[:, None], NAT)
+        alpha = _exp(m_i - m_new, NAT)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
             v = v_src.load([start_n, 0])
@@ -194,7 +213,7 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
               H, Tq, Tk, D, qk_scale, GROUP, TQ_KEY, TK_KEY,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
               PAD_D: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr,
-              SPLIT_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              SPLIT_P: tl.constexpr, NAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid_m, pid_bh = _program_order(tl.program_id(0), n_m, GROUP)
     if CAUSAL:   # heaviest query blocks first (they see the most keys): a shorter tail wave
@@ -234,11 +253,11 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
     acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m,
                                           offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off,
                                           qk_scale, False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA,
-                                          SPLIT_P)
+                                          SPLIT_P, NAT)
     acc, l_i, m_i, seen = _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m,
                                           offs_n0, offs_d, full_end, hi, skn, svn, Tk, D, causal_off,
                                           qk_scale, True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, USE_TMA,
-                                          SPLIT_P)
+                                          SPLIT_P, NAT)
 
     # l == 0: no key left by the mask (output 0, lse +inf: the backward's p is 0), or every
     # allowed score -inf from an infinite q or k (NaN, as softmax gives; lse NaN).
@@ -246,7 +265,7 @@ def _attn_fwd(Q, K, V, KPM, O, LSE,
     poisoned = empty & seen
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(poisoned[:, None], float("nan"), acc / l_safe[:, None])
-    lse = tl.where(empty, tl.where(poisoned, float("nan"), float("inf")), m_i + tl.math.log2(l_safe))
+    lse = tl.where(empty, tl.where(poisoned, float("nan"), float("inf")), m_i + _log(l_safe, NAT))
     row_ok = offs_m < Tq
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
     if PAD_D:
@@ -280,7 +299,7 @@ def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Tq, D,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_m0,
                          offs_d, lo, hi, sqm, sdom, Tq, D, causal_off, qk_scale,
                          MASKED: tl.constexpr, PAD_D: tl.constexpr, PREC: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
+                         BLOCK_M: tl.constexpr, NAT: tl.constexpr):
     # Works on transposed tiles (keys x queries) so no accumulator needs a transpose.
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -290,7 +309,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, of
         # Rows past Tq load lse = +inf, so their probabilities are exactly 0.
         lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC)
-        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        p_t = _exp(s_t * qk_scale - lse[None, :], NAT)
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, p_t, 0.0)
         do = _load_rows(do_base + offs_m[:, None] * sdom + offs_d[None, :], offs_m, Tq, offs_d, D,
@@ -309,7 +328,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, KPM, LSE, DELTA, DK, DV,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, skpm,
                    H, Tq, Tk, D, qk_scale, sm_scale, GROUP, TQ_KEY, TK_KEY,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   PAD_D: tl.constexpr, PREC: tl.constexpr,
+                   PAD_D: tl.constexpr, PREC: tl.constexpr, NAT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Rank order = key block order: under the causal mask key block 0 sees the most queries.
     pid_n, pid_bh = _program_order(tl.program_id(0), tl.cdiv(Tk, BLOCK_N), GROUP)
@@ -339,12 +358,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, KPM, LSE, DELTA, DK, DV,
         m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                       offs_n, offs_m0, offs_d, m_lo, tl.minimum(m_full, Tq),
-                                      sqm, sdom, Tq, D, causal_off, qk_scale, True, PAD_D, PREC, BLOCK_M)
+                                      sqm, sdom, Tq, D, causal_off, qk_scale, True, PAD_D, PREC, BLOCK_M,
+                                      NAT)
     else:
         m_full = 0
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                   offs_n, offs_m0, offs_d, m_full, Tq, sqm, sdom, Tq, D, causal_off,
-                                  qk_scale, False, PAD_D, PREC, BLOCK_M)
+                                  qk_scale, False, PAD_D, PREC, BLOCK_M, NAT)
     dk = dk * sm_scale
     if HAS_KPM:
         # A padded key gets no probability from any row, hence no gradient at all.
@@ -364,7 +384,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, KPM, LSE, DELTA, DK, DV,
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, offs_n0, offs_d,
                        lo, hi, skn, svn, Tk, D, causal_off, qk_scale,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                       PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                       PAD_D: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                       NAT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
@@ -378,7 +399,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, 
             k = _load_rows(k_ptrs, offs_n, Tk, offs_d, D, MASKED, PAD_D)
             v = _load_rows(v_ptrs, offs_n, Tk, offs_d, D, MASKED, PAD_D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        p = _exp(s * qk_scale - lse[:, None], NAT)
         if MASKED:
             allowed = offs_n[None, :] < Tk
             if CAUSAL:
@@ -398,7 +419,7 @@ def _attn_bwd_dq(Q, K, V, DO, KPM, LSE, DELTA, DQ,
                  sdqb, sdqh, sdqm, skpm,
                  H, Tq, Tk, D, qk_scale, sm_scale, GROUP, TQ_KEY, TK_KEY,
                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PAD_D: tl.constexpr, PREC: tl.constexpr,
+                 PAD_D: tl.constexpr, PREC: tl.constexpr, NAT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid_m, pid_bh = _program_order(tl.program_id(0), n_m, GROUP)
@@ -426,10 +447,10 @@ def _attn_bwd_dq(Q, K, V, DO, KPM, LSE, DELTA, DQ,
     full_end, hi = _key_blocks(m0, Tk, causal_off, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m,
                             offs_n0, offs_d, 0, full_end, skn, svn, Tk, D, causal_off, qk_scale,
-                            False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+                            False, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, NAT)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m,
                             offs_n0, offs_d, full_end, hi, skn, svn, Tk, D, causal_off, qk_scale,
-                            True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N)
+                            True, CAUSAL, HAS_KPM, PAD_D, PREC, BLOCK_N, NAT)
     dq = dq * sm_scale
     msk = offs_m[:, None] < Tq
     if PAD_D:
@@ -502,7 +523,8 @@ def _decode_proj(HB, HA, WQ, WKV, BKV, QOUT, KC, VC,
 def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
                  n, H, hd, D_B, qk_scale, chunk,
                  skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, skpm, NS,
-                 HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NAT: tl.constexpr):
     # Flash-decoding: program (b*H + h, split) attends over cache rows [split*chunk, ...) ∩ [0, n)
     # and writes unnormalised partials (max, sum, acc) for the combine in _decode_out.
     pid_bh = tl.program_id(0)
@@ -531,8 +553,8 @@ def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
         s = tl.where(ok, s, float("-inf"))
         seen = seen | (tl.max(ok.to(tl.int32), 0) > 0)
         m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.math.exp2(s - m_new)
-        alpha = tl.math.exp2(m_i - m_new)
+        p = _exp(s - m_new, NAT)
+        alpha = _exp(m_i - m_new, NAT)
         v = tl.load(v_base + offs_n[:, None] * svc_s + offs_d[None, :], mask=msk, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
@@ -549,7 +571,7 @@ def _decode_attn(QB, KC, VC, KPM, PM, PL, PACC,
 @triton.jit
 def _decode_out(HB, WO, PM, PL, PACC, OUT, B, D_B, H, hd, s_hb, s_wo, s_out, NS,
                 NS_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr):
+                BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, NAT: tl.constexpr):
     # Each program owns BLOCK_O output features; it re-combines the (tiny, L2-resident) split
     # partials of every head rather than paying a 4th launch, then streams its W_o rows once.
     pid = tl.program_id(0)
@@ -570,7 +592,7 @@ def _decode_out(HB, WO, PM, PL, PACC, OUT, B, D_B, H, hd, s_hb, s_wo, s_out, NS,
             m = tl.load(PM + ps, mask=ms, other=-3.4028234663852886e38)
             l = tl.load(PL + ps, mask=ms, other=0.0)
             m_max = tl.max(m, 1)
-            w = tl.math.exp2(m - m_max[:, None])
+            w = _exp(m - m_max[:, None], NAT)
             l_sum = tl.sum(l * w, 1)
             a = tl.load(PACC + ps[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                         mask=ms[:, :, None] & d_ok[None, None, :], other=0.0)
@@ -777,6 +799,14 @@ def _kpm_bytes(kpm: Optional[torch.Tensor], device: torch.device) -> tuple[torch
     return kpm, kpm.stride(0)
 
 
+def _score_scale(d: int) -> tuple[float, bool]:
+    """(scale applied to q·k, NAT): log2(e)/sqrt(d) for the kernels' base-2 softmax, or
+    1/sqrt(d) in base e at head dims 1 and 2, where log2(e)/sqrt(d) > 1 would overflow a
+    finite score above FLT_MAX/log2(e) (~2.36e38) that the reference's softmax handles."""
+    nat = _LOG2E / math.sqrt(d) > 1.0
+    return (1.0 if nat else _LOG2E) / math.sqrt(d), nat
+
+
 def _new_attn_out(q: torch.Tensor, unrounded: bool = False) -> torch.Tensor:
     # (B, Tq, H, d) storage seen as (B, H, Tq, d): merge_heads() after the op is then a free view.
     # unrounded: fp32 (the kernel stores its accumulator as is; see _unrounded_out_wanted).
@@ -801,7 +831,7 @@ def _attn_forward(q, k, v, causal: bool, kpm, unrounded_out: bool = False):
     q, k, v = _rowmajor_last(q), _rowmajor_last(k), _rowmajor_last(v)
     kpm_t, skpm = _kpm_bytes(kpm, q.device)
     hd = _head_dim_tile(d)
-    sm_scale = 1.0 / math.sqrt(d)
+    qk_scale, nat = _score_scale(d)
 
     def grid(meta):
         return (triton.cdiv(tq, meta["BLOCK_M"]) * b * h,)
@@ -809,11 +839,12 @@ def _attn_forward(q, k, v, causal: bool, kpm, unrounded_out: bool = False):
     _launch_tuned("_attn_fwd", q.device, grid, q, k, v, kpm_t, out, lse,
                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                  skpm, h, tq, tk, d, sm_scale * _LOG2E,
+                  skpm, h, tq, tk, d, qk_scale,
                   _head_group(causal, triton.cdiv(tq, 128), b * h, q.device), _bucket(tq), _bucket(tk),
                   CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
                   PREC=_precision(q.dtype), USE_TMA=_tma_ok(k, v),
-                  SPLIT_P=out.dtype != q.dtype)   # the unrounded out of a 16-bit training step
+                  SPLIT_P=out.dtype != q.dtype,   # the unrounded out of a 16-bit training step
+                  NAT=nat)
     return out, lse
 
 
@@ -829,8 +860,9 @@ def _attn_backward(do, q, k, v, out, lse, causal: bool, kpm):
     kpm_t, skpm = _kpm_bytes(kpm, q.device)
     hd = _head_dim_tile(d)
     sm_scale = 1.0 / math.sqrt(d)
+    qk_scale, nat = _score_scale(d)
     flags = dict(CAUSAL=causal, HAS_KPM=kpm is not None, HEAD_DIM=hd, PAD_D=hd != d,
-                 PREC=_precision(q.dtype))
+                 PREC=_precision(q.dtype), NAT=nat)
 
     delta = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
     block = 32 if _interpreter_active() else 128
@@ -840,7 +872,7 @@ def _attn_backward(do, q, k, v, out, lse, causal: bool, kpm):
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     group = _head_group(causal, triton.cdiv(max(tq, tk), 128), b * h, q.device)
-    scalars = (h, tq, tk, d, sm_scale * _LOG2E, sm_scale, group, _bucket(tq), _bucket(tk))
+    scalars = (h, tq, tk, d, qk_scale, sm_scale, group, _bucket(tq), _bucket(tk))
     _launch_tuned("_attn_bwd_dkdv", q.device,
                   lambda meta: (triton.cdiv(tk, meta["BLOCK_N"]) * b * h,),
                   q, k, v, do, kpm_t, lse, delta, dk, dv, *common,
@@ -989,10 +1021,10 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
     part_acc = torch.empty((bsz * n_heads * splits, head_tile), dtype=torch.float32, device=dev)
     kpm_t, skpm = _kpm_bytes(kpm, dev)
     _launch("_decode_attn", dev, (bsz * n_heads, splits), q_buf, k_cache, v_cache, kpm_t,
-            part_m, part_l, part_acc, n, n_heads, hd, d_b, _LOG2E / math.sqrt(hd), chunk,
+            part_m, part_l, part_acc, n, n_heads, hd, d_b, _score_scale(hd)[0], chunk,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), skpm, splits,
-            HAS_KPM=kpm is not None, HEAD_DIM=head_tile, BLOCK_N=block_n)
+            HAS_KPM=kpm is not None, HEAD_DIM=head_tile, BLOCK_N=block_n, NAT=_score_scale(hd)[1])
 
     # (3) combine the splits, project with W_o, add the residual.
     out = torch.empty((bsz, 1, d_b), dtype=h_b.dtype, device=dev)
@@ -1002,7 +1034,7 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
     _launch("_decode_out", dev, (triton.cdiv(d_b, block_o3),), hb2, w_o, part_m, part_l, part_acc,
             out2, bsz, d_b, n_heads, hd, hb2.stride(0), w_o.stride(0), out2.stride(0), splits,
             NS_P=triton.next_power_of_2(splits), HEAD_DIM=head_tile,
-            BLOCK_B=block_b3, BLOCK_O=block_o3)
+            BLOCK_B=block_b3, BLOCK_O=block_o3, NAT=_score_scale(hd)[1])
     return out
 
 
