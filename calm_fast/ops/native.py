@@ -317,7 +317,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: str
                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """reference.cross_attention on the native kernels (differentiable)."""
     _check_attention(q, k, v, mask, key_padding_mask)
-    if _unrounded_out_wanted(q, k, v):
+    if not q.is_cuda and _unrounded_out_wanted(q, k, v):  # the CUDA backward never reads out
         return native_attn_fwd(q, k, v, key_padding_mask, mask, True)[0].to(q.dtype)
     return native_attn_fwd(q, k, v, key_padding_mask, mask)[0]
 
