@@ -9,7 +9,7 @@ Ops (namespace calm_fast, registered once at import, each with a fake implementa
 torch.compile(fullgraph=True) traces them and torch.library.opcheck passes):
   native_attn_fwd(q, k, v, kpm, mask, unrounded_out=False) -> (out, lse)   autograd via native_attn_bwd
       unrounded_out: out in fp32 for 16-bit inputs (CPU: the kernel's accumulator, unrounded),
-      which cross_attention() asks for when a gradient will be taken and casts down itself.
+      which cross_attention() asks for on the CPU when a gradient will be taken (it casts down).
   native_attn_bwd(q, k, v, kpm, mask, out, dout, lse) -> (dq, dk, dv)
       CPU: the C++ flash backward. CUDA: there is no CUDA backward kernel yet; it runs the
       same recomputation from lse in PyTorch (materialises the Tq x Tk scores per head, and
