@@ -184,7 +184,9 @@ def main(argv=None):
     bw["copy_gbs_max"] = max(b["copy_gbs_max"] for b in bw_runs)
     bw["read_gbs_max"] = max(b["read_gbs_max"] for b in bw_runs)
     bw["buffer_mb"] = args.bw_mb
-    mean_pos = REF["prompt"] + (n - 1) / 2 + 1  # keys attended by the mean decode step
+    # keys attended by the mean timed step: the n - 1 steps after the prefill's token attend
+    # prompt + 1 ... prompt + n - 1 keys, prompt + n/2 on average (was + 1/2 too high, 0.015%)
+    mean_pos = REF["prompt"] + n / 2
     nbytes = bytes_per_token(calm, mean_pos)
     med = {k: statistics.median(s) for k, s in steps.items()}
     res = {"command": "cd /work/main && PYTHONPATH=. .venv/bin/python bench/bench_roofline.py " + " ".join(sys.argv[1:]),

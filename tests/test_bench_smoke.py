@@ -311,3 +311,15 @@ def test_timing_helpers_refuse_an_empty_sample():
         common.time_fn(lambda: None, repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         common.compare({"a": lambda: None}, warmup=-1)
+
+
+def test_attention_flops_count_the_pairs_the_mask_allows():
+    """Regression (audit, session 10): the causal count halved Tq*Tk whatever Tq and Tk, so a
+    Tq != Tk point would have been mislabelled (2x at Tq = 2 Tk, 0.5x at Tq = 1)."""
+    import torch
+    from calm_fast.ops import reference as ref
+    flops = _bench_module("bench_attention.py").attention_flops
+    for tq, tk in ((1, 2048), (512, 1024), (1024, 512), (7, 7), (2048, 64), (1, 1)):
+        allowed = ref.attention_mask(tq, tk, "aligned", None, torch.device("cpu"))
+        assert flops(1, 1, tq, tk, 1, True, False) == 4 * int(allowed.sum()), (tq, tk)
+        assert flops(2, 3, tq, tk, 5, False, True) == 2.5 * 4 * 2 * 3 * tq * tk * 5

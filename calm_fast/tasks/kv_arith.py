@@ -4,7 +4,8 @@ Everything is deterministic from a seed:
 - N_KV keys, random strings of 2-6 lowercase letters, each ONE token of the task vocabulary,
   with unique values: a random permutation of [1, N_KV].
 - Expressions: n operands joined by operators with normal precedence (x before + and -).
-- Three datasets over the same expressions, prompt -> answer:
+- Three datasets over expressions drawn the same way (each dataset from its own stream of the
+  seed, so their expressions differ), prompt -> answer:
     KV-Substitution      "ab + cde - fg ="  ->  "10 + 22 - 24"
     KV-Arithmetic        "ab + cde - fg ="  ->  "8"
     Numeric-Arithmetic   "10 + 22 - 24 ="   ->  "8"
