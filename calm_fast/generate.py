@@ -43,6 +43,9 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[to
     return tokens, mask
 
 
+TOP_P_RTOL = 1e-6  # relative slack of the top-p boundary (same in export/ort_generate.py)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
@@ -56,11 +59,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked before it already hold top_p of the mass.
-        drop = probs.cumsum(-1) - probs >= top_p
+    if top_p is not None and top_p < 1.0:  # 1.0 keeps every token (a float cumsum reaches 1
+        # before the tail does). Drop a token when the tokens ranked before it already hold
+        # top_p of the mass, in float64 and within TOP_P_RTOL, so that rounding does not decide
+        # an exact boundary (V equal logits, top_p = m/V keeps m) and the ONNX Runtime loop
+        # (export/ort_generate.py) keeps the same tokens.
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = torch.softmax(sorted_logits.double(), dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p * (1 - TOP_P_RTOL)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

@@ -31,6 +31,7 @@ import onnxruntime as ort
 FORMAT = "calm_fast.onnx/1"
 MANIFEST = "calm_onnx.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+TOP_P_RTOL = 1e-6  # relative slack of the top-p boundary (calm_fast.generate.TOP_P_RTOL)
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 EXPORT_ID_KEY = "calm_fast.export_id"  # in every graph's metadata_props; the manifest's export_id
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)"}
@@ -209,16 +210,21 @@ def sample_next(logits: np.ndarray, temperature: float = 0.0, top_k: int | None 
     if temperature == 0.0:
         return logits.argmax(axis=-1).astype(np.int64)
     rng = rng or np.random.default_rng()
-    x = logits.astype(np.float64) / temperature
+    # Shift the largest logit to 0 first, as calm_fast.generate does: a tiny temperature then
+    # drives the others to -inf instead of overflowing them to +inf (inf - inf = NaN: id 0).
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        x = np.where(x == 0, x, x / temperature)
     if top_k is not None and top_k < x.shape[-1]:
         kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
         x = np.where(x < kth, -np.inf, x)
-    if top_p is not None:
-        order = np.argsort(-x, axis=-1)
+    if top_p is not None and top_p < 1.0:  # the same rule as calm_fast.generate.sample_next
+        order = np.argsort(-x, axis=-1, kind="stable")
         sx = np.take_along_axis(x, order, axis=-1)
         p = np.exp(sx - sx[:, :1])
         p /= p.sum(-1, keepdims=True)
-        drop = np.cumsum(p, -1) - p >= top_p  # mass before this token already reaches top_p
+        drop = np.cumsum(p, -1) - p >= top_p * (1 - TOP_P_RTOL)  # mass before it reaches top_p
         sx = np.where(drop, -np.inf, sx)
         np.put_along_axis(x, order, sx, axis=-1)
     p = np.exp(x - x.max(-1, keepdims=True))

@@ -405,3 +405,31 @@ def test_dynamo_exporter_matches(tmp_path):
     want = cf.generate(calm, PROMPTS, max_new_tokens=16).tolist()
     got = og.OrtGenerator(tmp_path).generate(PROMPTS, 16)
     assert [r[-16:] for r in got] == [r[-16:] for r in want]
+
+
+def test_ort_and_torch_samplers_keep_the_same_top_p_set():
+    """Regression (audit, session 10): at an exact top-p boundary (V equal logits, top_p = m/V)
+    float rounding decided whether an (m+1)th token was kept, differently in torch (float32
+    cumsum) and here (float64): V=10, top_p=0.6 kept 7 in torch and 6 here. Both keep m now,
+    top_p=1.0 filters nothing, and a tiny temperature is greedy here too (it returned id 0)."""
+    from calm_fast.generate import sample_next
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    for v, m in ((10, 6), (10, 8), (20, 10), (7, 3), (12, 1)):
+        logits = torch.zeros(3000, v)
+        kept_torch = set(sample_next(logits, 1.0, top_p=m / v, generator=g).tolist())
+        kept_ort = set(og.sample_next(logits.numpy(), 1.0, top_p=m / v, rng=rng).tolist())
+        assert kept_torch == kept_ort == set(range(m)), (v, m)  # sort is stable: the first m
+    # top_p = 1.0 keeps a tail token whose mass a float32 cumsum loses (p ~ 1e-8)
+    tail = torch.tensor([[0.0] + [-2.0] * 40 + [-22.0]])
+    captured = []
+    real = torch.multinomial
+    try:
+        torch.multinomial = lambda p, n, generator=None: (captured.append(p), real(p, n, generator=generator))[1]
+        sample_next(tail, 1.0, top_p=1.0, generator=g)
+        sample_next(tail, 1.0, top_p=None, generator=g)
+    finally:
+        torch.multinomial = real
+    assert captured[0][0, -1] > 0 and torch.equal(captured[0], captured[1])
+    logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.5, -1.0]])
+    for t in (1e-300, 1e-308, 5e-324):
+        assert og.sample_next(logits, t, rng=rng).tolist() == [1, 0], t
