@@ -61,3 +61,21 @@ def test_compiled_cached_decode_does_not_recompile_per_position():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="leaves a gap"):
             _ANCHOR(tokens[:, :1], cache=_CACHE, pos=18)
+
+
+def test_compiled_bf16_attention_training_matches_eager():
+    """The 16-bit training path (an fp32 output kept for the backward, cast down after the op)
+    traces with fullgraph=True on the C++ backend and gives eager's gradients bit for bit."""
+    import pytest
+    from calm_fast import ops
+    if "cpp" not in ops.available_backends("cpu"):
+        pytest.skip("calm_fast._C is not built")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+
+    def loss(q, k, v):
+        return ops.cross_attention(q, k, v, "aligned", None, "cpp").float().pow(2).sum()
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
