@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .state_cache import forward_with_states
-from .train import (CKPT_DIR, METRICS, TrainConfig, autocast_ctx, load_checkpoint, lr_at, make_optimizer,
-                    save_checkpoint)
+from .train import (CKPT_DIR, LOG_WINDOW, METRICS, TrainConfig, autocast_ctx, load_checkpoint, log_window,
+                    lr_at, make_optimizer, save_checkpoint)
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -236,10 +236,12 @@ def _proxies(params: dict[str, nn.Parameter], cfg: TrainConfig, tensors=None):
 
 
 def save_distributed_checkpoint(directory, step: int, params: dict[str, nn.Parameter],
-                                opt: torch.optim.Optimizer, cfg: TrainConfig, env: DistEnv) -> None:
-    """Collective: every rank gathers, rank 0 writes (atomically), then all wait for it."""
+                                opt: torch.optim.Optimizer, cfg: TrainConfig, env: DistEnv,
+                                extra: dict | None = None) -> None:
+    """Collective: every rank gathers, rank 0 writes (atomically), then all wait for it.
+    Keys in sorted order: each gather is a collective, and every rank must run them alike."""
     full_p = {n: _full(p.detach()).cpu() for n, p in params.items()}
-    full_s = {n: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+    full_s = {n: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in sorted(opt.state[p].items())}
               for n, p in params.items() if p in opt.state}
     if env.is_main:
         proxies, popt = _proxies(params, cfg, full_p)
@@ -248,14 +250,16 @@ def save_distributed_checkpoint(directory, step: int, params: dict[str, nn.Param
                 popt.state[pp] = full_s[n]
         for g, real in zip(popt.param_groups, opt.param_groups):
             g.update({k: v for k, v in real.items() if k != "params"})
-        save_checkpoint(Path(directory), step, proxies, popt, {"world_size": env.world_size})
+        save_checkpoint(Path(directory), step, proxies, popt, {"world_size": env.world_size, **(extra or {})})
     if env.distributed:
         dist.barrier()
 
 
 def load_distributed_checkpoint(directory, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
                                 cfg: TrainConfig) -> dict:
-    """Every rank reads the full checkpoint and keeps its own shard; returns the JSON meta."""
+    """Every rank reads the full checkpoint and keeps its own shard; returns the JSON meta.
+    Placing a shard is a collective (a scatter from rank 0): state keys go in sorted order, the
+    same on every rank (the file's order is not: it swapped exp_avg and exp_avg_sq between ranks)."""
     proxies, popt = _proxies(params, cfg)
     meta = load_checkpoint(Path(directory), proxies, popt)
     with torch.no_grad():
@@ -265,7 +269,7 @@ def load_distributed_checkpoint(directory, params: dict[str, nn.Parameter], opt:
             st = popt.state.get(pp)
             if st:
                 opt.state[p] = {k: (_placed_like(v, p) if torch.is_tensor(v) and v.dim() > 0 else
-                                    (v.clone() if torch.is_tensor(v) else v)) for k, v in st.items()}
+                                    (v.clone() if torch.is_tensor(v) else v)) for k, v in sorted(st.items())}
     for g, saved in zip(opt.param_groups, popt.param_groups):
         g.update({k: v for k, v in saved.items() if k != "params"})
     return meta
@@ -298,10 +302,12 @@ def fit_distributed(model: nn.Module, params: dict[str, nn.Parameter],
                          f"parallelize: fully_shard replaces parameters)")
     opt = make_optimizer(params, cfg)
     start, records = 0, []
+    run_loss, run_n = 0.0, 0   # the losses since the last log record
     metrics_path = out_dir / METRICS if out_dir is not None else None
     if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.safetensors").is_file():
         meta = load_distributed_checkpoint(out_dir / CKPT_DIR, params, opt, cfg)
         start = meta["step"]
+        run_loss, run_n = log_window(meta)
         if metrics_path.is_file():
             records = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if r["step"] <= start]
     if env.distributed:
@@ -324,7 +330,6 @@ def fit_distributed(model: nn.Module, params: dict[str, nn.Parameter],
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, leave=False)
     tokens_seen, t0 = 0, time.perf_counter()
-    run_loss, run_n = 0.0, 0
     plist = list(params.values())
     for step in range(start, end):
         lr = lr_at(step, cfg)
@@ -373,7 +378,8 @@ def fit_distributed(model: nn.Module, params: dict[str, nn.Parameter],
             if env.is_main and res is not None:
                 log({"step": done, "eval": res})
         if out_dir is not None and ((cfg.ckpt_every and done % cfg.ckpt_every == 0) or done in (cfg.steps, end)):
-            save_distributed_checkpoint(out_dir / CKPT_DIR, done, params, opt, cfg, env)
+            save_distributed_checkpoint(out_dir / CKPT_DIR, done, params, opt, cfg, env,
+                                        {LOG_WINDOW: [run_loss, run_n]})
     if bar is not None:
         bar.close()
     model.eval()

@@ -133,6 +133,16 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, nn.Parameter],
     checkpoint.save_json(directory / "state.json", meta)
 
 
+LOG_WINDOW = "log_window"  # checkpoint meta: [loss sum, steps] since the last log record
+
+
+def log_window(meta: dict) -> tuple[float, int]:
+    """The running loss window a checkpoint saved, so that a resumed run logs the same averages
+    as one that never stopped (older checkpoints: an empty window)."""
+    loss, n = meta.get(LOG_WINDOW, (0.0, 0))
+    return float(loss), int(n)
+
+
 def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict:
     """Restore `params` and `opt` from save_checkpoint's file; every tensor is checked (present,
     shape, floating dtype) and an error names the file and the tensor."""
@@ -162,8 +172,9 @@ def load_checkpoint(directory: Path, params: dict[str, nn.Parameter], opt: torch
     order = [p for g in opt.param_groups for p in g["params"]]
     index = {id(p): i for i, p in enumerate(order)}
     state = {}
-    for n, p in params.items():
-        st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+    for n, p in params.items():  # sorted: the same state order in every process (FSDP's
+        # load places each tensor with a collective, in this order)
+        st = {k.rsplit(".", 1)[1]: v for k, v in sorted(tensors.items()) if k.startswith(f"opt.{n}.")}
         for key, val in scalars.items():
             if key.rsplit(".", 1)[0] == n:
                 st[key.rsplit(".", 1)[1]] = torch.tensor(val)
@@ -211,10 +222,12 @@ def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[t
     out_dir = Path(out_dir) if out_dir is not None else None
     opt = make_optimizer(params, cfg)
     start, records = 0, []
+    run_loss, run_n = 0.0, 0   # the losses since the last log record (a record averages them)
     metrics_path = out_dir / METRICS if out_dir is not None else None
     if out_dir is not None and resume and (out_dir / CKPT_DIR / "state.safetensors").is_file():
         meta = load_checkpoint(out_dir / CKPT_DIR, params, opt)
         start = meta["step"]
+        run_loss, run_n = log_window(meta)
         if metrics_path.is_file():
             records = _read_metrics(metrics_path, upto=start)
     if metrics_path is not None:
@@ -233,7 +246,6 @@ def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[t
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, desc=desc, dynamic_ncols=True, leave=False)
     tokens_seen, t0 = 0, time.perf_counter()
-    run_loss, run_n = 0.0, 0
     plist = list(params.values())
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
@@ -272,7 +284,7 @@ def fit(params: dict[str, nn.Parameter], step_loss: Callable[[int, int], tuple[t
             if bar is not None:
                 bar.write(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.1f}%" for k, v in res.items()))
         if out_dir is not None and ((cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps):
-            save_checkpoint(out_dir / CKPT_DIR, done, params, opt)
+            save_checkpoint(out_dir / CKPT_DIR, done, params, opt, {LOG_WINDOW: [run_loss, run_n]})
     if bar is not None:
         bar.close()
     for m in modules:

@@ -151,6 +151,25 @@ def test_fsdp_checkpoint_from_two_processes_resumes_in_one(bases, reference, tmp
     _assert_close(got, ref, FSDP_TOL, range(6, 11))
 
 
+def test_fsdp_checkpoint_from_two_processes_resumes_in_two(bases, reference, tmp_path):
+    """Regression (audit, session 10): loading placed each AdamW tensor with a collective in the
+    checkpoint file's key order, which differs between processes, so ranks swapped exp_avg and
+    exp_avg_sq and the resumed run went to NaN. Stopped at step 5 and resumed by 2 ranks, with a
+    log record every 2 steps (one spans the stop), it logs what the run that never stopped logs."""
+    train = {**TRAIN, "log_every": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for out, stops in ((straight, (None,)), (resumed, (5, None))):
+        for stop in stops:
+            dist_opts = {"strategy": "fsdp"} if stop is None else {"strategy": "fsdp", "stop_at": stop}
+            _torchrun({"job": "compose", "bases": str(bases), "mapping": MAPPING, "out": str(out),
+                       "train": train, "distributed": dist_opts}, tmp_path)
+    got, want = _losses(resumed), _losses(straight)
+    assert sorted(got) == sorted(want) == [2, 4, 6, 8, 10]  # record 6 averages steps 5 and 6
+    _assert_close(got, want, 1e-6, [6, 8, 10])  # same ranks, same sums: equal up to ulps
+    ref = reference[1]  # one process, a record per step: record 10 here averages steps 9 and 10
+    _assert_close(got, {10: (ref[9] + ref[10]) / 2}, FSDP_TOL, [10])
+
+
 def test_ddp_cache_states_built_by_two_ranks_match_uncached_one_process(bases, tmp_path):
     dist_opts = {"dataset_size": 24}
     ref_dir = tmp_path / "ref"

@@ -59,12 +59,16 @@ def test_composition_trains_only_theta_c_and_loss_falls(tiny_bases, tmp_path):
     assert set(v.params) == {f"bridges.{n}" for n, _ in v.model.bridges.named_parameters()}
 
 
-def test_checkpoint_resumes_exactly(tiny_bases, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_checkpoint_resumes_exactly(tiny_bases, tmp_path, log_every):
     """Interrupted right after its step-3 checkpoint (and in the middle of appending a
-    metrics line) and resumed, a run logs the same losses as one that never stopped."""
+    metrics line) and resumed, a run logs the same losses as one that never stopped; with a
+    record every 2 steps, the one at step 4 averages steps 3 and 4 across the stop (the running
+    window is in the checkpoint: it used to restart empty, audit of session 10)."""
     d = tmp_path / "d"
     task, m_A, m_B = load_bases(tiny_bases)
-    cfg = TrainConfig(**{**COMPOSE_TRAIN["tiny"], "steps": 6, "ckpt_every": 3, "log_every": 1, "progress": False})
+    cfg = TrainConfig(**{**COMPOSE_TRAIN["tiny"], "steps": 6, "ckpt_every": 3, "log_every": log_every,
+                         "progress": False})
     ref_dir = tmp_path / "ref"
     train_composition(task, m_A, m_B, "calm", "kv_arithmetic", cfg, MAPPINGS["tiny"], ref_dir, log=lambda *a: None)
     ref = [json.loads(l) for l in (ref_dir / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +95,7 @@ def test_checkpoint_resumes_exactly(tiny_bases, tmp_path):
     train_composition(task, m_A, m_B, "calm", "kv_arithmetic", cfg, MAPPINGS["tiny"], d, log=lambda *a: None)
     got = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in got if "loss" in r] == [r["loss"] for r in ref if "loss" in r]
-    assert [r["step"] for r in got if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in got if "loss" in r] == list(range(log_every, 7, log_every))
 
 
 def test_variants_have_matched_parameter_budgets(tiny_bases):
