@@ -730,3 +730,16 @@ def test_c_api_accepts_fp32_out_for_bf16_only():
     with pytest.raises(TypeError, match="out"):
         native._C.attn_fwd(*[native._desc(t) for t in (q, k, v)], None, 0,
                            native._desc(torch.empty(1, 2, 5, 8).half()), native._desc(lse))
+
+
+def test_cuda_backward_math_keeps_rows_before_a_nonfinite_future_value_finite():
+    """The CUDA backward math recomputes the output from P (no rounded output); forming it as
+    p @ v multiplied a future key's weight 0 by its inf value and made the earlier rows' delta,
+    hence their dq, NaN (review, session 10). It sums p * dp over the keys each row sees."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(1, 1, 4, 8, generator=gen) for _ in range(4))
+    v[0, 0, 3, 0] = float("inf")  # key 3: seen by row 3 only (aligned, Tq = Tk)
+    out, lse = native.native_attn_fwd(q, k, v, None, "aligned")
+    assert torch.isfinite(out[0, 0, :3]).all()
+    dq, dk, dv = native._attn_bwd_cuda(q, k, v, None, "aligned", out, g, lse)
+    assert torch.isfinite(dq[0, 0, :3]).all() and not torch.isfinite(dq[0, 0, 3]).all()

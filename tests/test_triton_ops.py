@@ -689,6 +689,24 @@ def test_scores_near_flt_max_at_head_dims_1_and_2(d, top):
 
 
 @interp_only
+def test_fp16_training_forward_keeps_inf_values_inf():
+    """The training forward's second P·V product (SPLIT_P) multiplied P's rounding error, 0 or
+    of either sign, by an inf value: the output column turned NaN where the reference and the
+    inference forward give inf (review, session 10). Non-finite values skip that product."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 16, generator=gen) for _ in range(3))
+    v[0, 0, 1, 3] = float("inf")
+    q, k, v = q.half(), k.half(), v.half()
+    want = ref.cross_attention(q.double(), k.double(), v.double(), "context")
+    with torch.no_grad():
+        inference = tx.cross_attention(q, k, v, "context")
+    training = tx.cross_attention(q.clone().requires_grad_(), k, v, "context")
+    for got in (inference, training):
+        assert torch.equal(got[..., 3].isinf(), want[..., 3].isinf()) and want[..., 3].isinf().all()
+        assert not got.isnan().any()
+
+
+@interp_only
 def test_scores_below_minus_1e30_still_normalise():
     """Rows whose finite scores are all below -1e30 (huge q, k): the running max used to start at
     -1e30, so every p underflowed to 0 and the row came out NaN; it starts at -FLT_MAX now."""

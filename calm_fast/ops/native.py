@@ -225,8 +225,11 @@ def _attn_bwd_cuda(q, k, v, key_padding_mask, mask, out, dout, lse):
     keep = seen if allowed is None else allowed & seen
     p = torch.where(keep, p, 0.0)
     dv = p.transpose(-1, -2) @ gf
-    delta = (gf * (p @ vf)).sum(-1, keepdim=True)  # the output unrounded (see _unrounded_out_wanted)
-    ds = torch.where(keep, p * (gf @ vf.transpose(-1, -2) - delta), 0.0)  # a hidden key's ds is 0
+    dp = gf @ vf.transpose(-1, -2)
+    # delta = dout·out with the output unrounded (see _unrounded_out_wanted), as sum_j p dp over
+    # the keys the row sees: p @ v would multiply a hidden key's weight 0 by its inf/NaN value.
+    delta = torch.where(keep, p * dp, 0.0).sum(-1, keepdim=True)
+    ds = torch.where(keep, p * (dp - delta), 0.0)  # a hidden key's ds is 0
     dq = (ds @ kf) * scale
     dk = (ds.transpose(-1, -2) @ qf) * scale
     if key_padding_mask is not None:  # padded keys get 0 (their ds is 0, but 0 * a NaN q is NaN)

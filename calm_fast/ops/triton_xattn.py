@@ -201,8 +201,11 @@ def _attn_fwd_inner(acc, l_i, m_i, seen, q, k_src, v_src, kpm_base, offs_m, offs
         p16 = p.to(v.dtype)
         acc = tl.dot(p16, v, acc, input_precision=PREC)
         if SPLIT_P:  # p's rounding error as a second 16-bit operand: the output to ~16 bits,
-            # so a training backward's delta = dout·out agrees with the P it recomputes in fp32
-            acc = tl.dot((p - p16.to(tl.float32)).to(v.dtype), v, acc, input_precision=PREC)
+            # so a training backward's delta = dout·out agrees with the P it recomputes in fp32.
+            # Non-finite values are left to the first product (which gives the reference's
+            # inf/NaN): here 0 * inf or +inf - inf would turn an inf output into NaN.
+            v_fin = tl.where(tl.abs(v) < float("inf"), v, 0.0)
+            acc = tl.dot((p - p16.to(tl.float32)).to(v.dtype), v_fin, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i, seen
 
@@ -662,6 +665,10 @@ def _pruner(name: str):
             # The TMA forward is tuned over the 8-warp 128-row tiles only (what the H100 picked
             # without TMA; the 4-warp one spills for sm_90): four compiles per shape, not seven.
             return [c for c in cands if c.kwargs["BLOCK_M"] == 128 and c.num_warps == 8] or cands
+        if kwargs.get("SPLIT_P"):
+            # The training forward (tuned on its own: its output is fp32) skips the 4-warp
+            # 128-row tile, which spills 0.4-2 KB with the second P·V product on sm_90.
+            return [c for c in cands if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)] or cands
         return cands
     return prune
 
@@ -680,8 +687,8 @@ def _default_config(name: str, head_dim: int, elt: int) -> triton.Config:
     return next((c for c in cands if c.num_warps == 8), cands[0])
 
 
-# SPLIT_P (the training forward) is not in the key: it shares the tile tuned for its shape, a
-# second tuning sweep per length bucket would cost more compile time than the tile choice gains.
+# SPLIT_P (the training forward) is not in the key, but Triton's autotuner keys on every tensor
+# argument's dtype too, and the training forward's output is fp32: it is tuned on its own.
 _TUNED = {name: triton.autotune(pool, key=_KEYS + (["USE_TMA"] if name == "_attn_fwd" else []),
                                 prune_configs_by={"early_config_prune": _pruner(name)})(
     globals()[name]) for name, pool in _CONFIGS.items()}
@@ -1064,20 +1071,30 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 def _check_writes_disjoint(written: dict, read: dict) -> None:
     """Every tensor written in place against the other written ones and every input, by byte
     range (conservative, as csrc/validate.cpp: interleaved tensors are refused too). The kernels
-    read inputs while they write, so shared memory would give a silently wrong result."""
-    def ranges(tensors):
-        return [(name, _byte_range(t)) for name, t in tensors.items()
-                if t is not None and t.numel()]
-    outs, ins = ranges(written), ranges(read)
-    for i, (name, (a0, a1)) in enumerate(outs):
-        for other, (b0, b1) in outs[i + 1:]:
-            if a0 < b1 and b0 < a1:
-                raise ValueError(f"bridge_decode_step: {name}: overlaps {other} in memory (both are "
-                                 f"written in place); pass separate tensors")
-        for other, (b0, b1) in ins:
-            if a0 < b1 and b0 < a1:
+    read inputs while they write, so shared memory would give a silently wrong result. Element
+    ranges are compared only where two allocations overlap (almost never): the decode step pays
+    this check per bridge and token."""
+    def allocations(tensors):
+        out = []
+        for name, t in tensors.items():
+            if t is not None:
+                st = t.untyped_storage()
+                out.append((name, t, st.data_ptr(), st.data_ptr() + st.nbytes()))
+        return out
+    outs, ins = allocations(written), allocations(read)
+    for i, (name, t, a0, a1) in enumerate(outs):
+        for other, u, b0, b1 in outs[i + 1:] + ins:
+            if a0 < b1 and b0 < a1 and t.numel() and u.numel() and _overlap(t, u):
+                if other in written:
+                    raise ValueError(f"bridge_decode_step: {name}: overlaps {other} in memory (both "
+                                     f"are written in place); pass separate tensors")
                 raise ValueError(f"bridge_decode_step: {name}: overlaps the input {other} in memory "
                                  f"(an output must not share memory with an input)")
+
+
+def _overlap(t: torch.Tensor, u: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _byte_range(t), _byte_range(u)
+    return a0 < b1 and b0 < a1
 
 
 def bridge_decode_step(h_b: torch.Tensor, h_a: Optional[torch.Tensor], w_q: torch.Tensor,
