@@ -191,6 +191,38 @@ def test_decode_step_on_other_grid_sizes(request, build, sms, blocks_per_sm):
 
 
 @pytest.mark.parametrize("build", ["emu", "emu_knobs"])
+@pytest.mark.parametrize("context", [False, True], ids=["aligned", "context"])
+def test_decode_step_more_warps_than_output_rows(request, build, context):
+    """Regression (audit, session 10): with the knobs (no grid barriers + staged inputs), warps
+    past the last W_o row skipped the wait for the merged attention but still copied their share
+    of it into the block's stage: output columns came from a stale workspace. D_B = 36 rows on
+    5 emulated SMs (more warps than rows), B = 4. The grid used to be cached per library on its
+    first launch, so tests that change CF_EMU_SMS ran on the first size only."""
+    b, h, d, d_a, s, pos = 4, 1, 36, 8, 20, 10
+    args = _decode_args(b, h, d, d_a, s, context, "none", torch.float32)
+    want, _, _ = _decode_want(args, pos, h)
+    with emulated_gpu(CF_EMU_SMS=5):
+        out = decode_step(request.getfixturevalue(build), *args[:8], pos, h, args[8])
+    assert rel(out, want) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kernel,dtype", [("mma", torch.float32), ("mma", torch.bfloat16),
+                                          ("wmma", torch.bfloat16)])
+def test_row_with_an_inf_score_has_nan_lse_not_empty(emu, kernel, dtype):
+    """Regression (audit, session 10): an inf score (an inf in k) makes the running sum NaN; the
+    generic and mma kernels wrote lse = -inf, which tells the backward the row sees no key, so
+    its NaN vanished from dq. It is NaN now, like the output (the reference's is NaN too)."""
+    q = torch.ones(1, 1, 2, 64)
+    k = torch.randn(1, 1, 5, 64, generator=torch.Generator().manual_seed(0))
+    k[0, 0, 0, 0] = float("inf")
+    v = torch.randn(1, 1, 5, 64, generator=torch.Generator().manual_seed(1))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with emulated_gpu(CALM_FAST_CUDA_ATTN=kernel):  # fp32 takes the generic kernel either way
+        out, lse = attend(emu, q, k, v, "aligned")
+    assert out.isnan().all() and lse.isnan().all()
+
+
+@pytest.mark.parametrize("build", ["emu", "emu_knobs"])
 def test_decode_step_does_not_depend_on_thread_order(request, build):
     """Shuffled thread orders give the same bits; for the barrier-free (dataflow) build this is
     what checks its counters: a missing wait shows as a wrong result in some order."""

@@ -86,6 +86,9 @@ __global__ void __launch_bounds__(128) attn_fwd_generic(AttnParams p) {
     m = m_new;
   }
   bad |= seen && l == 0.f;  // allowed keys, all scores -inf: NaN as softmax (not "empty")
+  // l NaN (an inf score: inf - inf in the running sum) is a NaN row, not an empty one (lse
+  // -inf would tell the backward the row sees no key and hide the NaN from the gradients).
+  bad |= l != l;
   const float inv = bad ? NAN : (l > 0.f ? 1.f / l : 0.f);
   T* op = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
 #pragma unroll

@@ -220,7 +220,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_mma(AttnParams p) {
   for (int hr = 0; hr < 2; ++hr) {
     const int64_t i = row0 + 8 * hr;
     if (i >= p.Tq) continue;
-    const bool nan_row = bad[hr] || (seen[hr] && l[hr] == 0.f);  // NaN score, or visible keys all -inf
+    // NaN score, visible keys all -inf, or l NaN (an inf score): NaN, never "empty" (lse -inf)
+    const bool nan_row = bad[hr] || (seen[hr] && l[hr] == 0.f) || l[hr] != l[hr];
     const float inv = nan_row ? NAN : (l[hr] > 0.f ? 1.f / l[hr] : 0.f);
     T* out = static_cast<T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
 #pragma unroll

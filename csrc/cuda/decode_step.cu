@@ -600,12 +600,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) decode_step_kernel(Decod
       if (dataflow) signal_count(merged, lane);
     }
   }
+  // Dataflow: a warp with W_o rows waits for every merge; with staging, every warp does (each
+  // copies a share of attn into the block's stage, which must be merged by then).
+  bool staging = false;
+  if constexpr (kStageBuild) staging = vec.stage;
   if (!dataflow) grid.sync();
-  else if (warp < DB) wait_for_count(merged, int(B * H), lane);  // this warp has W_o rows
+  else if (warp < DB || staging) wait_for_count(merged, int(B * H), lane);
 
   // ---- phase 3: out = h_b + W_o attn
   if constexpr (kStageBuild) {
     if (vec.stage) {
+      __syncthreads();  // no warp still reads phase 1's staged h_b from xs
       for (int64_t i = threadIdx.x; i < B * DB; i += kThreads) xs[i] = __ldcg(attn + i);
       __syncthreads();
     }
@@ -662,7 +667,12 @@ cudaError_t grid_info(GridInfo* out) {  // per kernel instantiation (its own sta
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
   std::lock_guard<std::mutex> lock(mu);
-  if (dev < 64 && have[dev]) {
+#ifdef CF_CUDA_EMULATOR
+  constexpr bool kCached = false;  // the emulated GPU comes from the environment: tests vary it
+#else
+  constexpr bool kCached = true;
+#endif
+  if (kCached && dev < 64 && have[dev]) {
     *out = cache[dev];
     return cudaSuccess;
   }
