@@ -217,6 +217,11 @@ def _unrounded_out_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
             and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
+def _attn_out_dtype(dtype: torch.dtype, unrounded: bool) -> torch.dtype:
+    """A fused forward's output dtype: fp32 when the unrounded output was asked for 16-bit inputs."""
+    return torch.float32 if unrounded and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _self_overlapping(t: torch.Tensor) -> bool:
     """True when two elements of `t` may share memory: stride 0 over a dim of size > 1, or
     (dims sorted by stride) a stride within the reach of the smaller ones. Strides only, so

@@ -30,7 +30,7 @@ import math
 import torch
 
 # The package's own checks: ops/__init__.py defines them before it loads this module.
-from . import _check_caches_writable, _check_decode_inputs, _unrounded_out_wanted
+from . import _attn_out_dtype, _check_caches_writable, _check_decode_inputs, _unrounded_out_wanted
 from .reference import attention_mask, zero_padded_keys
 
 try:
@@ -161,7 +161,7 @@ def native_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     key_padding_mask: torch.Tensor | None, mask: str,
                     unrounded_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, key_padding_mask = _unit_inner(q), _unit_inner(k), _unit_inner(v), _unit_inner(key_padding_mask)
-    out = q.new_empty(q.shape, dtype=_out_dtype(q.dtype, unrounded_out))
+    out = q.new_empty(q.shape, dtype=_attn_out_dtype(q.dtype, unrounded_out))
     lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
     _C.set_num_threads(torch.get_num_threads())
     _C.attn_fwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask], _desc(out), _desc(lse))
@@ -179,17 +179,13 @@ def _attn_fwd_cuda(q, k, v, key_padding_mask, mask, unrounded_out=False):
         stream = torch.cuda.current_stream(q.device).cuda_stream
         _C_cuda.attn_fwd(_desc(q), _desc(k), _desc(v), _desc(key_padding_mask), _MASKS[mask],
                          _desc(out), _desc(lse), stream)
-    return out.to(_out_dtype(q.dtype, unrounded_out)), lse
+    return out.to(_attn_out_dtype(q.dtype, unrounded_out)), lse
 
 
 @native_attn_fwd.register_fake
 def _(q, k, v, key_padding_mask, mask, unrounded_out=False):
-    return (q.new_empty(q.shape, dtype=_out_dtype(q.dtype, unrounded_out)),
+    return (q.new_empty(q.shape, dtype=_attn_out_dtype(q.dtype, unrounded_out)),
             q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
-
-
-def _out_dtype(dtype: torch.dtype, unrounded_out: bool) -> torch.dtype:
-    return torch.float32 if unrounded_out and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 # The package's own checks: ops/__init__.py defines them before it loads this module.
-from . import _check_caches_writable, _check_decode_inputs, _unrounded_out_wanted
+from . import _attn_out_dtype, _check_caches_writable, _check_decode_inputs, _unrounded_out_wanted
 from .reference import MASKS
 
 _LOG2E = 1.4426950408889634
@@ -816,9 +816,9 @@ def _score_scale(d: int) -> tuple[float, bool]:
 
 def _new_attn_out(q: torch.Tensor, unrounded: bool = False) -> torch.Tensor:
     # (B, Tq, H, d) storage seen as (B, H, Tq, d): merge_heads() after the op is then a free view.
-    # unrounded: fp32 (the kernel stores its accumulator as is; see _unrounded_out_wanted).
+    # unrounded: fp32 for 16-bit q (the kernel stores its accumulator as is; _unrounded_out_wanted).
     b, h, t, d = q.shape
-    return q.new_empty((b, t, h, d), dtype=torch.float32 if unrounded else q.dtype).transpose(1, 2)
+    return q.new_empty((b, t, h, d), dtype=_attn_out_dtype(q.dtype, unrounded)).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,7 +827,7 @@ def _new_attn_out(q: torch.Tensor, unrounded: bool = False) -> torch.Tensor:
 def _attn_forward(q, k, v, causal: bool, kpm, unrounded_out: bool = False):
     b, h, tq, d = q.shape
     tk = k.shape[2]
-    out = _new_attn_out(q, unrounded_out and q.dtype != torch.float32)
+    out = _new_attn_out(q, unrounded_out)
     lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
     if b * h * tq == 0:
         return out, lse
@@ -905,7 +905,7 @@ def _xattn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 @_xattn_fwd_op.register_fake
 def _(q, k, v, causal, key_padding_mask, unrounded_out=False):
     b, h, tq, _ = q.shape
-    return (_new_attn_out(q, unrounded_out and q.dtype != torch.float32),
+    return (_new_attn_out(q, unrounded_out),
             q.new_empty((b, h, tq), dtype=torch.float32))
 
 
@@ -1016,6 +1016,7 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
             BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_K=block_k)
 
     # (2) split-K attention: splits so that B*H*splits programs fill the machine.
+    qk_scale, nat = _score_scale(hd)
     head_tile = _head_dim_tile(hd)
     block_n = 16 if interp else 64
     max_splits = 3 if interp else 32
@@ -1028,10 +1029,10 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
     part_acc = torch.empty((bsz * n_heads * splits, head_tile), dtype=torch.float32, device=dev)
     kpm_t, skpm = _kpm_bytes(kpm, dev)
     _launch("_decode_attn", dev, (bsz * n_heads, splits), q_buf, k_cache, v_cache, kpm_t,
-            part_m, part_l, part_acc, n, n_heads, hd, d_b, _score_scale(hd)[0], chunk,
+            part_m, part_l, part_acc, n, n_heads, hd, d_b, qk_scale, chunk,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), skpm, splits,
-            HAS_KPM=kpm is not None, HEAD_DIM=head_tile, BLOCK_N=block_n, NAT=_score_scale(hd)[1])
+            HAS_KPM=kpm is not None, HEAD_DIM=head_tile, BLOCK_N=block_n, NAT=nat)
 
     # (3) combine the splits, project with W_o, add the residual.
     out = torch.empty((bsz, 1, d_b), dtype=h_b.dtype, device=dev)
@@ -1041,7 +1042,7 @@ def _decode_step(h_b, h_a, w_q, w_kv, b_kv, w_o, k_cache, v_cache, pos: int, n_h
     _launch("_decode_out", dev, (triton.cdiv(d_b, block_o3),), hb2, w_o, part_m, part_l, part_acc,
             out2, bsz, d_b, n_heads, hd, hb2.stride(0), w_o.stride(0), out2.stride(0), splits,
             NS_P=triton.next_power_of_2(splits), HEAD_DIM=head_tile,
-            BLOCK_B=block_b3, BLOCK_O=block_o3, NAT=_score_scale(hd)[1])
+            BLOCK_B=block_b3, BLOCK_O=block_o3, NAT=nat)
     return out
 
 
